@@ -1,0 +1,236 @@
+"""Run one prompt on ComfyUI to its end, over the WebSocket.
+
+The socket is connected before the prompt is posted (ComfyUI sends execution messages only
+to the submitting client), only messages of our prompt count, and the job ends on
+`execution_error`, `execution_interrupted`, or `executing {node: null}` (the only point
+after which `/history` is guaranteed). A dropped socket is reconnected and the state
+reconciled from `/history`, so a lost message never hangs a job. Stopping (cancel or
+timeout) dequeues or interrupts our own prompt only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import requests
+import websocket
+
+from .. import logs
+from ..errors import JobError, backend
+from .comfyui import ComfyClient
+from .process import Supervisor
+
+log = logs.get("comfyui")
+RECV_POLL_S = 0.25
+# Without any message for this long we ask /history: cheap insurance against a lost message.
+RECONCILE_AFTER_S = 5.0
+RECONNECT_FOR_S = 15.0
+# An interrupt takes effect between nodes; a node that never checks runs to its end first.
+STOP_GRACE_S = 60.0
+
+OnMessage = Callable[[str, dict[str, Any]], None]
+OnOutput = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Outcome:
+    prompt_id: str
+    status: Literal["success", "error", "interrupted"]
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    # ComfyUI's own clock (ms) for the execution, so overhead can be told from inference.
+    exec_start_ms: int | None = None
+    exec_end_ms: int | None = None
+    started_at: float | None = None  # monotonic, when execution_start arrived
+
+
+class PromptRun:
+    def __init__(
+        self,
+        client: ComfyClient,
+        supervisor: Supervisor,
+        stop: threading.Event,
+        deadline: float,
+        on_message: OnMessage,
+        on_output: OnOutput,
+    ) -> None:
+        self.client = client
+        self.supervisor = supervisor
+        self.stop = stop
+        self.deadline = deadline
+        self.on_message = on_message
+        self.on_output = on_output
+        self.client_id = uuid.uuid4().hex
+        self.stop_reason: Literal["cancelled", "timeout"] | None = None
+        self._stop_sent_at: float | None = None
+        self._exec_start_ms: int | None = None
+        self._exec_end_ms: int | None = None
+        self._started_at: float | None = None
+        self._seen_outputs: set[str] = set()
+
+    def run(self, graph: dict[str, Any]) -> Outcome:
+        ws = self._connect()
+        try:
+            try:
+                prompt_id = self.client.queue_prompt(graph, self.client_id)
+            except requests.RequestException as exc:
+                self._lost(exc)
+            logs.event(log, "prompt queued", prompt_id=prompt_id)
+            return self._follow(ws, prompt_id)
+        finally:
+            ws.close()
+
+    def _connect(self) -> websocket.WebSocket:
+        url = f"{self.client.ws_url}?clientId={self.client_id}"
+        try:
+            ws = websocket.create_connection(url, timeout=10)
+        except (OSError, websocket.WebSocketException) as exc:
+            self._lost(exc)
+        ws.settimeout(RECV_POLL_S)
+        return ws
+
+    def _lost(self, exc: Exception) -> Any:
+        self.supervisor.mark_unready()
+        self.supervisor.raise_if_exited("during the job")
+        raise backend(f"lost the connection to ComfyUI: {type(exc).__name__}") from exc
+
+    def _follow(self, ws: websocket.WebSocket, prompt_id: str) -> Outcome:
+        last_message = time.monotonic()
+        while True:
+            if self.stop_reason is None and (self.stop.is_set() or time.monotonic() > self.deadline):
+                self.stop_reason = "cancelled" if self.stop.is_set() else "timeout"
+                if self._send_stop(prompt_id):
+                    return self._outcome(prompt_id, "interrupted")
+            if self._stop_sent_at is not None and time.monotonic() - self._stop_sent_at > STOP_GRACE_S:
+                return self._outcome(prompt_id, "interrupted")
+            try:
+                raw = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                self.supervisor.raise_if_exited("during the job")
+                if time.monotonic() - last_message > RECONCILE_AFTER_S:
+                    last_message = time.monotonic()
+                    if (done := self._reconcile(prompt_id)) is not None:
+                        return done
+                continue
+            except (OSError, websocket.WebSocketException):
+                logs.event(log, "websocket dropped, reconnecting", prompt_id=prompt_id)
+                ws = self._reconnect(ws)
+                if (done := self._reconcile(prompt_id)) is not None:
+                    return done
+                continue
+            last_message = time.monotonic()
+            if isinstance(raw, bytes):
+                continue  # preview frames: not part of any result
+            message = json.loads(raw)
+            kind, data = message.get("type"), message.get("data") or {}
+            if data.get("prompt_id") != prompt_id:
+                continue
+            if (done := self._handle(prompt_id, kind, data)) is not None:
+                return done
+
+    def _handle(self, prompt_id: str, kind: str, data: dict[str, Any]) -> Outcome | None:
+        self.on_message(kind, data)
+        if kind == "execution_start":
+            self._exec_start_ms = data.get("timestamp")
+            self._started_at = time.monotonic()
+        elif kind == "executed" and data.get("node") is not None:
+            self._seen_outputs.add(str(data["node"]))
+            self.on_output(str(data["node"]), data.get("output") or {})
+        elif kind == "execution_success":
+            self._exec_end_ms = data.get("timestamp")
+        elif kind == "execution_error":
+            self._exec_end_ms = data.get("timestamp")
+            return self._outcome(prompt_id, "error", data)
+        elif kind == "execution_interrupted":
+            self._exec_end_ms = data.get("timestamp")
+            return self._outcome(prompt_id, "interrupted")
+        elif kind == "executing" and data.get("node") is None:
+            return self._outcome(prompt_id, "success")
+        return None
+
+    def _outcome(self, prompt_id: str, status: Literal["success", "error", "interrupted"],
+                 error: dict[str, Any] | None = None) -> Outcome:
+        entry = self._history(prompt_id, wait=status == "success")
+        outputs = (entry or {}).get("outputs") or {}
+        # Outputs that finished before a failure or interrupt still count (svi partial clips),
+        # and any that arrived only in /history (after a reconnect) are announced now.
+        for node, output in outputs.items():
+            if node not in self._seen_outputs:
+                self._seen_outputs.add(node)
+                self.on_output(node, output)
+        return Outcome(
+            prompt_id=prompt_id,
+            status=status,
+            outputs=outputs,
+            error=error,
+            exec_start_ms=self._exec_start_ms,
+            exec_end_ms=self._exec_end_ms,
+            started_at=self._started_at,
+        )
+
+    def _history(self, prompt_id: str, wait: bool) -> dict[str, Any] | None:
+        for _ in range(20 if wait else 1):
+            try:
+                entry = self.client.history(prompt_id)
+            except (requests.RequestException, ValueError) as exc:
+                self._lost(exc)
+            if entry is not None or not wait:
+                return entry
+            time.sleep(0.05)
+        raise backend(f"ComfyUI finished prompt {prompt_id} but kept no history of it")
+
+    def _reconcile(self, prompt_id: str) -> Outcome | None:
+        """What /history says of our prompt, once it has ended; None while it runs."""
+        try:
+            entry = self.client.history(prompt_id)
+        except (requests.RequestException, ValueError) as exc:
+            self._lost(exc)
+        if entry is None:
+            return None
+        status = entry.get("status") or {}
+        messages = {m[0]: m[1] for m in status.get("messages", []) if isinstance(m, list) and len(m) == 2}
+        self._exec_start_ms = self._exec_start_ms or messages.get("execution_start", {}).get("timestamp")
+        if "execution_error" in messages:
+            return self._outcome(prompt_id, "error", messages["execution_error"])
+        if "execution_interrupted" in messages:
+            return self._outcome(prompt_id, "interrupted")
+        if status.get("completed") or status.get("status_str") == "success":
+            self._exec_end_ms = messages.get("execution_success", {}).get("timestamp")
+            return self._outcome(prompt_id, "success")
+        return None
+
+    def _reconnect(self, old: websocket.WebSocket) -> websocket.WebSocket:
+        old.close()
+        t0 = time.monotonic()
+        while True:
+            self.supervisor.raise_if_exited("during the job")
+            try:
+                return self._connect()
+            except JobError:
+                if time.monotonic() - t0 > RECONNECT_FOR_S:
+                    raise
+                time.sleep(0.5)
+
+    def _send_stop(self, prompt_id: str) -> bool:
+        """Dequeue or interrupt our prompt; True when it will never run (no messages follow)."""
+        self._stop_sent_at = time.monotonic()
+        logs.event(log, "stopping prompt", prompt_id=prompt_id, reason=self.stop_reason)
+        try:
+            for _ in range(3):
+                running, pending = self.client.queue()
+                if prompt_id in pending:
+                    self.client.delete_queued(prompt_id)
+                    continue  # it may have started meanwhile: look again
+                if prompt_id in running:
+                    self.client.interrupt(prompt_id)
+                    return False
+                return True  # already deleted, or already ended
+        except (requests.RequestException, ValueError) as exc:
+            self._lost(exc)
+        return False

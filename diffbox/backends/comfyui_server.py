@@ -1,0 +1,60 @@
+"""ComfyUI as this worker runs it: a supervised subprocess or an attached URL, and where
+its input and output folders are on this disk (for clean-up and reading outputs directly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Settings
+from .comfyui import ComfyClient, FileRef
+from .process import ServerProcess, Supervisor
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+class ComfyServer:
+    def __init__(self, settings: Settings) -> None:
+        process = None
+        if settings.comfyui_url:
+            url = settings.comfyui_url
+        elif settings.comfyui_dir:
+            url = f"http://127.0.0.1:{settings.comfyui_port}"
+            argv = [settings.comfyui_python, "main.py", "--listen", "127.0.0.1",
+                    "--port", str(settings.comfyui_port), "--disable-auto-launch", *settings.comfyui_args]
+            process = ServerProcess("comfyui", argv, cwd=settings.comfyui_dir)
+        else:
+            raise ValueError("set DIFFBOX_COMFYUI_DIR (a ComfyUI install to start) or DIFFBOX_COMFYUI_URL")
+        self.client = ComfyClient(url)
+        self.supervisor = Supervisor("comfyui", self.client.probe, process)
+        self.input_dir, self.output_dir, self.temp_dir = self._folders(settings)
+
+    @staticmethod
+    def _folders(settings: Settings) -> tuple[Path | None, Path | None, Path | None]:
+        """ComfyUI's folders, when they are on this disk (a started server, or DIFFBOX_COMFYUI_DIR
+        given beside DIFFBOX_COMFYUI_URL for a sidecar sharing the disk)."""
+        if settings.comfyui_dir is None:
+            return None, None, None
+        args = settings.comfyui_args
+        base = Path(_flag_value(args, "--base-directory") or settings.comfyui_dir)
+
+        def folder(name: str) -> Path:
+            return Path(_flag_value(args, f"--{name}-directory") or base / name)
+
+        return folder("input"), folder("output"), folder("temp")
+
+    def local_path(self, ref: FileRef) -> Path | None:
+        root = {"output": self.output_dir, "temp": self.temp_dir, "input": self.input_dir}.get(ref.type)
+        if root is None:
+            return None
+        path = (root / ref.subfolder / ref.filename).resolve()
+        # ComfyUI names the file; still never read outside its folder.
+        if not path.is_relative_to(root.resolve()) or not path.is_file():
+            return None
+        return path

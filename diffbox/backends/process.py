@@ -1,0 +1,169 @@
+"""Supervise one backend server subprocess (ComfyUI or vLLM).
+
+Start it (non-blocking, so several backends start in parallel), wait for readiness with a
+bound, notice when it has exited (exit code and the tail of its log are what a user needs to
+act), and start a fresh one for the next job. Attached servers (a URL given instead of a
+command) go through the same readiness path with no process to manage.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .. import logs
+from ..errors import JobError
+
+log = logs.get("process")
+TAIL_LINES = 40
+
+
+class ServerProcess:
+    """One subprocess and the last lines it printed."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.env = env
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._tail.clear()
+        # A new session makes the server and its children (vLLM spawns workers) one group
+        # we can signal together, and keeps the worker's own Ctrl-C away from them.
+        self._popen = subprocess.Popen(
+            self.argv,
+            cwd=self.cwd,
+            env={**os.environ, **(self.env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"{self.name}-log", daemon=True)
+        self._reader.start()
+        logs.event(log, "backend started", backend=self.name, pid=self._popen.pid)
+
+    def _read(self) -> None:
+        assert self._popen is not None and self._popen.stdout is not None
+        for raw in self._popen.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._tail.append(line)
+            logs.event(log, line, level=10, backend=self.name)
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    def returncode(self) -> int | None:
+        """None while running (or never started), else the exit code."""
+        return None if self._popen is None else self._popen.poll()
+
+    def started(self) -> bool:
+        return self._popen is not None
+
+    def tail(self) -> str:
+        # The reader thread may still be draining the pipe of a process that just exited.
+        if self._reader is not None and self.returncode() is not None:
+            self._reader.join(timeout=1)
+        return "\n".join(self._tail)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self._popen is None or self._popen.poll() is not None:
+            return
+        pgid = self._popen.pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            self._popen.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self._popen.wait()
+        except ProcessLookupError:
+            pass
+        # Children that outlived the leader would keep the port; the group goes with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        logs.event(log, "backend stopped", backend=self.name, code=self._popen.returncode)
+
+
+class Supervisor:
+    """Readiness and restart policy for one backend, shared by ComfyUI and vLLM."""
+
+    def __init__(self, name: str, probe: Callable[[], bool], process: ServerProcess | None) -> None:
+        self.name = name
+        self.probe = probe
+        self.process = process
+        self._lock = threading.Lock()
+        self._ready = False
+
+    def start(self) -> None:
+        """Start the process without waiting (cold start launches every backend at once)."""
+        with self._lock:
+            if self.process is not None and not self.process.started():
+                self.process.start()
+
+    def ensure_ready(self, timeout_s: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Block until the backend answers; restart it first if it has exited since."""
+        with self._lock:
+            if self.process is not None:
+                if not self.process.started():
+                    self.process.start()
+                    self._ready = False
+                elif (code := self.process.returncode()) is not None:
+                    logs.event(log, "backend had exited, restarting", backend=self.name, code=code)
+                    self.process.start()
+                    self._ready = False
+            if self._ready:
+                return
+            t0 = time.monotonic()
+            while True:
+                self.raise_if_exited("while starting")
+                if self.probe():
+                    break
+                if cancelled():
+                    raise JobError("cancelled", f"job cancelled while {self.name} was starting")
+                if time.monotonic() - t0 > timeout_s:
+                    raise JobError(
+                        "timeout",
+                        f"{self.name} did not become ready within {timeout_s:g} s "
+                        "(DIFFBOX_STARTUP_TIMEOUT_S)",
+                        {"log_tail": self.process.tail()} if self.process else None,
+                    )
+                time.sleep(0.25)
+            self._ready = True
+            logs.event(log, "backend ready", backend=self.name, wait_s=logs.since(t0))
+
+    def raise_if_exited(self, when: str) -> None:
+        if self.process is None or (code := self.process.returncode()) is None:
+            return
+        self._ready = False
+        raise JobError(
+            "backend",
+            f"{self.name} exited with code {code} {when}",
+            {"exit_code": code, "log_tail": self.process.tail()},
+        )
+
+    def mark_unready(self) -> None:
+        """After a connection failure: probe again before the next job trusts the server."""
+        self._ready = False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+        self._ready = False

@@ -1,0 +1,229 @@
+"""One job from request to result, whatever the platform: validate -> plan -> run -> store.
+
+The adapters (`handler.py` for RunPod, `modal_app.py` for Modal) hand a job id, its input
+and a progress callback to `Service.run` and return what it returns. Blocking work (HTTP,
+WebSocket, file I/O) runs in a thread so the event loop stays free: the RunPod SDK stops a
+job by cancelling its asyncio task, and that only reaches a handler that awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import logs
+from .backends.comfyui import FileRef, output_files
+from .backends.comfyui_job import Outcome, PromptRun
+from .backends.comfyui_server import ComfyServer
+from .config import Settings
+from .errors import JobError, backend, validation
+from .media import InputImage, decode_image
+from .outputs import describe
+from .progress import Emit, ProgressTracker
+from .storage import InlineStore, OutputStore
+from .workflows import RAW, Workflow, parse
+from .workflows.base import JobContext, Plan
+from .workflows.raw import check_allowed
+
+log = logs.get("service")
+
+
+def _no_progress(_: dict[str, Any]) -> None:
+    return None
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.comfy = ComfyServer(settings) if "comfyui" in settings.backends else None
+
+    def start(self) -> None:
+        """Cold start: launch every configured backend without waiting for any."""
+        if self.comfy is not None:
+            self.comfy.supervisor.start()
+
+    def stop(self) -> None:
+        if self.comfy is not None:
+            self.comfy.supervisor.stop()
+
+    async def run(self, job_id: str, payload: Any, emit: Emit = _no_progress,
+                  stop: threading.Event | None = None) -> dict[str, Any]:
+        """Run one job; failures come back as `{"error": {...}}`, never as exceptions.
+
+        `stop` lets a platform cancel without cancelling the task (the result is then an
+        error of type "cancelled"); cancelling the task also stops the job, cleans up, and
+        re-raises.
+        """
+        stop = stop or threading.Event()
+        task = asyncio.ensure_future(asyncio.to_thread(self._run_blocking, job_id, payload, emit, stop))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            stop.set()
+            # Wait for our prompt to be dequeued or interrupted and the files removed.
+            await asyncio.wait({task}, timeout=120)
+            raise
+
+    def _run_blocking(self, job_id: str, payload: Any, emit: Emit, stop: threading.Event) -> dict[str, Any]:
+        t0 = time.monotonic()
+        job = _Job(self, job_id, emit, stop, t0)
+        try:
+            result = job.run(payload)
+            logs.event(log, "job done", job_id=job_id, workflow=job.workflow_name, total_s=logs.since(t0))
+            return result
+        except JobError as err:
+            logs.event(log, "job failed", job_id=job_id, workflow=job.workflow_name,
+                       error_type=err.type, error=err.message, total_s=logs.since(t0))
+            return err.to_dict()
+        finally:
+            job.clean_up()
+
+
+class _Job:
+    """State of one ComfyUI job while it runs (one per job, used from one thread)."""
+
+    def __init__(self, service: Service, job_id: str, emit: Emit, stop: threading.Event, t0: float) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.ctx = JobContext(_safe_job_id(job_id))
+        self.stop = stop
+        self.t0 = t0
+        self.deadline = t0 + self.settings.job_timeout_s
+        self.progress = ProgressTracker(emit)
+        self.workflow_name = "unknown"
+        self.dir = self.settings.work_dir / self.ctx.job_id
+        self.prompt_id: str | None = None
+        self.timings: dict[str, float] = {}
+        self._refs: list[FileRef] = []
+
+    def run(self, payload: Any) -> dict[str, Any]:
+        workflow, request = parse(payload)
+        self.workflow_name = workflow.name
+        if not self.settings.serves(workflow.name):
+            raise validation(f"workflow: {workflow.name!r} is not served by this endpoint")
+        comfy = self.service.comfy
+        if comfy is None:
+            raise validation(f"workflow: {workflow.name!r} needs ComfyUI, which this endpoint does not run")
+        if workflow is RAW and self.settings.raw_node_allowlist is not None:
+            check_allowed(request.workflow, self.settings.raw_node_allowlist)  # type: ignore[attr-defined]
+        self.progress.stage("inputs")
+        plan = workflow.plan(request, self.ctx, self._load_image)
+        self.timings["inputs_s"] = logs.since(self.t0)
+        self.progress.stage("starting")
+        comfy.supervisor.ensure_ready(self.settings.startup_timeout_s, self.stop.is_set)
+        for upload in plan.uploads:
+            comfy.client.upload_image(upload.name, upload.data, self.ctx.subfolder)
+        self.progress.set_graph(plan.graph, plan.node_clip, plan.clips)
+        self.progress.stage("queued")
+        outcome = self._execute(comfy, plan)
+        return self._result(workflow, request, plan, outcome)
+
+    def _load_image(self, value: str, field: str) -> InputImage:
+        return decode_image(value, field, int(self.settings.max_input_mb * 1e6))
+
+    def _execute(self, comfy: ComfyServer, plan: Plan) -> Outcome:
+        submitted = time.monotonic()
+        run = PromptRun(comfy.client, comfy.supervisor, self.stop, self.deadline,
+                        self.progress.on_message, self._on_output)
+        outcome = run.run(plan.graph)
+        self.prompt_id = outcome.prompt_id
+        ended = time.monotonic()
+        started = outcome.started_at or ended
+        self.timings["queue_s"] = round(started - submitted, 3)
+        self.timings["inference_s"] = round(ended - started, 3)
+        if outcome.exec_start_ms is not None and outcome.exec_end_ms is not None:
+            self.timings["comfyui_exec_s"] = round((outcome.exec_end_ms - outcome.exec_start_ms) / 1000, 3)
+        if outcome.status == "error":
+            raise _execution_error(outcome.error or {})
+        if outcome.status == "interrupted":
+            partial = self._store(plan, include_temp=False) if outcome.outputs else []
+            details = {"outputs": partial} if partial else None
+            if run.stop_reason == "timeout":
+                raise JobError("timeout", f"job exceeded {self.settings.job_timeout_s:g} s "
+                               "(DIFFBOX_JOB_TIMEOUT_S) and was interrupted", details)
+            if run.stop_reason == "cancelled":
+                raise JobError("cancelled", "job cancelled", details)
+            raise backend("ComfyUI interrupted the prompt (an interrupt not sent by this job)", details)
+        return outcome
+
+    def _on_output(self, node: str, output: dict[str, Any]) -> None:
+        self._refs.extend(output_files(node, output))
+
+    def _result(self, workflow: Workflow, request: Any, plan: Plan, outcome: Outcome) -> dict[str, Any]:
+        options = getattr(request, "output", None)
+        stored = self._store(plan, include_temp=bool(options and options.include_temp))
+        self.timings["total_s"] = logs.since(self.t0)
+        if workflow.name == "raw":
+            # The official RunPod ComfyUI worker's shape, each entry extended with our fields.
+            images = [{"type": "s3_url" if "url" in o else "base64",
+                       **o, "data": o.get("data") or o.get("url")} for o in stored]
+            return {"images": images, **plan.settings, "timings": self.timings}
+        return {"workflow": workflow.name, **plan.settings, "outputs": stored, "timings": self.timings}
+
+    def _store(self, plan: Plan, include_temp: bool) -> list[dict[str, Any]]:
+        comfy = self.service.comfy
+        assert comfy is not None
+        self.progress.stage("uploading")
+        t0 = time.monotonic()
+        refs = [r for r in self._refs if r.type == "output" or (include_temp and r.type == "temp")]
+        files: list[tuple[FileRef, Path]] = []
+        for index, ref in enumerate(refs):
+            path = comfy.local_path(ref)
+            if path is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                path = comfy.client.download(ref, self.dir / f"{index}_{Path(ref.filename).name}")
+            files.append((ref, path))
+        store: OutputStore = InlineStore(int(self.settings.max_inline_mb * 1e6))
+        if isinstance(store, InlineStore):
+            store.check_total(sum(path.stat().st_size for _, path in files))
+        stored = []
+        for ref, path in files:
+            entry = describe(path, animated=ref.animated)
+            entry["node"] = ref.node
+            if ref.node in plan.partial_nodes:
+                entry["clip"] = plan.partial_nodes[ref.node]
+            entry.update(store.put(path, f"{self.ctx.job_id}/{path.name}", entry["content_type"]))
+            stored.append(entry)
+        self.timings["upload_s"] = logs.since(t0)
+        return stored
+
+    def clean_up(self) -> None:
+        """Remove everything this job left, whatever the outcome (a warm worker's disk must
+        not fill up, and ComfyUI's in-memory history must not grow)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        comfy = self.service.comfy
+        if comfy is None:
+            return
+        for root in (comfy.input_dir, comfy.output_dir):
+            if root is not None:
+                shutil.rmtree(root / self.ctx.subfolder, ignore_errors=True)
+        if self.prompt_id is not None:
+            try:
+                comfy.client.forget(self.prompt_id)
+            except Exception as exc:  # clean-up must never mask the job's own result
+                logs.event(log, "could not drop prompt from ComfyUI history", level=30,
+                           prompt_id=self.prompt_id, error=type(exc).__name__)
+
+
+def _execution_error(error: dict[str, Any]) -> JobError:
+    node_id, node_type = error.get("node_id"), error.get("node_type")
+    exc_type, exc_message = error.get("exception_type"), str(error.get("exception_message", "")).strip()
+    return backend(
+        f"node {node_id} ({node_type}) failed: {exc_type}: {exc_message}",
+        {"node_id": node_id, "class_type": node_type, "exception_type": exc_type,
+         "exception_message": exc_message, "traceback": error.get("traceback")},
+    )
+
+
+def _safe_job_id(job_id: str) -> str:
+    # Job ids become folder names: keep them to a safe alphabet whatever the platform sends.
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(job_id))[:128]
+    return cleaned or "job"
+
+
+ProgressCallback = Callable[[dict[str, Any]], None]
