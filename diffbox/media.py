@@ -81,11 +81,11 @@ def verify_image(data: bytes, field: str) -> InputImage:
             width, height = img.size
             if width * height > MAX_PIXELS:
                 raise validation(
-                    f"{field}: image is {width}x{height}, more than the {MAX_PIXELS // 1_000_000} MP limit"
+                    f"{field}: image is {width}x{height}, it has more than the {MAX_PIXELS // 1_000_000} MP limit"
                 )
             img.verify()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise validation(f"{field}: image would decompress to too many pixels") from None
+        raise validation(f"{field}: image has more than the {MAX_PIXELS // 1_000_000} MP limit") from None
     except (OSError, SyntaxError, ValueError):
         raise validation(f"{field}: not a readable image (PNG, JPEG, WebP, GIF, BMP or TIFF)") from None
     if fmt not in _FORMATS:

@@ -1,0 +1,142 @@
+"""Shared fixtures: a ComfyUI to talk to, and the worker under test.
+
+The end-to-end tests run against a real ComfyUI when DIFFBOX_TEST_COMFYUI_URL points at
+one (with DIFFBOX_TEST_COMFYUI_DIR naming its folder, when it is on this disk), and against
+the protocol-faithful fake under tests/fakes otherwise. Tests that need the fake's fault
+controls or stand-in model nodes ask for `fake_comfyui` and are skipped on a real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_INPUT = json.loads((REPO / "test_input.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ComfyTarget:
+    url: str
+    base_dir: Path | None
+    is_fake: bool
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyTarget]:
+    if url := os.environ.get("DIFFBOX_TEST_COMFYUI_URL"):
+        base = os.environ.get("DIFFBOX_TEST_COMFYUI_DIR")
+        yield ComfyTarget(url.rstrip("/"), Path(base) if base else None, is_fake=False)
+        return
+    from tests.fakes.comfyui import start_fake_comfyui
+
+    base_dir = tmp_path_factory.mktemp("comfyui")
+    with start_fake_comfyui(base_dir) as fake:
+        yield ComfyTarget(fake.url, base_dir, is_fake=True)
+
+
+@pytest.fixture(scope="session")
+def fake_comfyui(comfyui: ComfyTarget) -> ComfyTarget:
+    if not comfyui.is_fake:
+        pytest.skip("needs the fake ComfyUI's fault controls or stand-in model nodes")
+    return comfyui
+
+
+def worker_env(comfy: ComfyTarget, work_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFBOX_", "RUNPOD_", "BUCKET_"))}
+    env.update(
+        DIFFBOX_COMFYUI_URL=comfy.url,
+        DIFFBOX_WORK_DIR=str(work_dir),
+        DIFFBOX_STARTUP_TIMEOUT_S="60",
+        DIFFBOX_LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    if comfy.base_dir is not None:
+        env["DIFFBOX_COMFYUI_DIR"] = str(comfy.base_dir)
+        env["DIFFBOX_MODELS_DIR"] = str(comfy.base_dir / "models")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class RunpodApi:
+    """`python handler.py --rp_serve_api`: the runpod SDK's own local API server."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    timeout_s: float = 120.0
+    _stopped: bool = field(default=False)
+
+    def runsync(self, job_input: dict[str, Any]) -> dict[str, Any]:
+        response = requests.post(f"{self.url}/runsync", json={"input": job_input}, timeout=self.timeout_s)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def run(self, job_input: dict[str, Any]) -> str:
+        response = requests.post(f"{self.url}/run", json={"input": job_input}, timeout=self.timeout_s)
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        response = requests.post(f"{self.url}/status/{job_id}", timeout=self.timeout_s)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self._stopped = True
+
+
+def start_runpod_api(env: dict[str, str], log_path: Path, *args: str) -> RunpodApi:
+    port = free_port()
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port), *args],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"handler exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            requests.get(f"{url}/docs", timeout=1)
+            return RunpodApi(url, proc, log_path)
+        except requests.RequestException:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"handler API did not start:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def rp_api(comfyui: ComfyTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunpodApi]:
+    tmp = tmp_path_factory.mktemp("worker")
+    api = start_runpod_api(worker_env(comfyui, tmp / "work"), tmp / "handler.log")
+    yield api
+    api.stop()

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from typing import Any
+
+from diffbox.progress import ProgressTracker, node_weight
+from diffbox.throttle import Throttle
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+GRAPH: dict[str, dict[str, Any]] = {
+    "1": {"class_type": "UNETLoader", "inputs": {}},
+    "2": {"class_type": "KSamplerAdvanced", "inputs": {"steps": 8, "start_at_step": 0, "end_at_step": 4}},
+    "3": {"class_type": "KSamplerAdvanced", "inputs": {"steps": 8, "start_at_step": 4, "end_at_step": 10000}},
+    "4": {"class_type": "VAEDecode", "inputs": {}},
+    "5": {"class_type": "SaveVideo", "inputs": {}},
+}
+
+
+def test_weights_follow_where_time_goes() -> None:
+    assert node_weight(GRAPH["2"]) == 4.0 and node_weight(GRAPH["3"]) == 4.0
+    assert node_weight(GRAPH["1"]) == 2.0 and node_weight(GRAPH["4"]) == 3.0
+    assert node_weight({"class_type": "KSampler", "inputs": {"steps": ["9", 0]}}) == 20.0
+    assert node_weight({"class_type": "ImageInvert", "inputs": {}}) == 0.1
+
+
+def test_percent_is_monotonic_weighted_and_throttled() -> None:
+    clock = Clock()
+    sent: list[dict[str, Any]] = []
+    tracker = ProgressTracker(sent.append, interval_s=1.0, clock=clock)
+    tracker.set_graph(GRAPH, node_clip={"2": 1, "3": 1}, clips=1)
+    tracker.stage("inputs")
+    tracker.stage("starting")
+    tracker.stage("queued")
+    clock.now = 1.0
+    tracker.on_message("execution_start", {"prompt_id": "p"})
+    tracker.on_message("progress_state", {"nodes": {"1": {"state": "finished"}}})
+    for step in range(1, 5):
+        clock.now += 1.5
+        tracker.on_message("progress", {"node": "2", "value": step, "max": 4})
+    # Several messages inside one interval give one update.
+    tracker.on_message("progress_state", {"nodes": {"2": {"state": "finished"}}})
+    tracker.on_message("executing", {"node": "3"})
+    clock.now += 0.1
+    tracker.on_message("progress", {"node": "3", "value": 1, "max": 4})
+    stages = [p["stage"] for p in sent]
+    assert stages[:4] == ["inputs", "starting", "queued", "running"]
+    assert [p["seq"] for p in sent] == list(range(1, len(sent) + 1))
+    percents = [p["percent"] for p in sent]
+    assert percents == sorted(percents)
+    last = sent[-1]
+    # Loader (2) + first expert's 4 steps done of 2 + 4 + 4 + 3 + 1 = 14 units.
+    assert last["percent"] == round(5 + 90 * 6 / 14, 1)
+    assert (last["node"], last["step"], last["steps"], last["clip"], last["clips"]) == ("KSamplerAdvanced", 4, 4, 1, 1)
+    assert last["eta_s"] == round(6.0 / (6 / 14) * (8 / 14), 1)
+    assert len(sent) == 8  # 3 stage changes + start + 4 throttled step updates
+
+
+def test_throttle_lets_stage_changes_through() -> None:
+    clock = Clock()
+    throttle = Throttle(1.0, clock)
+    assert throttle.allow("running")
+    assert not throttle.allow("running")
+    assert throttle.allow("uploading")
+    clock.now = 1.0
+    assert throttle.allow("uploading")
