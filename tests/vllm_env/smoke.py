@@ -78,16 +78,21 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def rss_mib(pids: list[int]) -> float:
-    total_kib = 0
+def memory_mib(pids: list[int]) -> tuple[int, int]:
+    """(summed RSS, summed PSS) of pids. RSS double-counts pages the engine
+    processes share (torch libraries, shared-memory queues); PSS splits them,
+    so it is the better estimate of what the tree really costs."""
+    rss_kib = pss_kib = 0
     for p in pids:
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kib += int(line.split()[1])
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss_kib += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss_kib += int(line.split()[1])
         except OSError:
             pass
-    return total_kib / 1024
+    return rss_kib // 1024, pss_kib // 1024
 
 
 def request(url: str, body: JSON | None = None, timeout: float = 60) -> tuple[int, JSON]:
@@ -130,7 +135,7 @@ def main() -> int:
         return 2
     port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
-    log_path = cache / f"vllm-smoke-{port}.log"
+    log_path = cache / "vllm-smoke.log"  # overwritten each run
     figures: JSON = {"port": port, "log": str(log_path)}
     results: list[tuple[str, bool, str]] = []
 
@@ -252,7 +257,7 @@ def main() -> int:
                          ("include_usage", include_usage)]:
             check(name, fn)
         tree = [proc.pid, *children(proc.pid)]
-        figures["rss_tree_mib"] = round(rss_mib(tree))
+        figures["rss_tree_mib"], figures["pss_tree_mib"] = memory_mib(tree)
     finally:
         tree = [proc.pid, *children(proc.pid)]
         t = time.monotonic()
