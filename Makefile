@@ -28,6 +28,7 @@ vllm-env:
 lint: setup
 	uv run ruff check .
 	uv run mypy
+	uv run mypy builder
 
 test: setup vllm-env lint
 	uv run pytest

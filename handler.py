@@ -3,25 +3,62 @@
 `python handler.py` runs `test_input.json` once (the SDK's local mode);
 `python handler.py --rp_serve_api` serves the SDK's local API (/run, /runsync, /status, /stream);
 on RunPod the same command takes jobs from the queue.
+
+The handler's kind follows the endpoint's settings (the SDK fixes one per worker): a plain
+async handler where only ComfyUI workflows are served (results in the official ComfyUI
+worker's shape), an async generator where chat is (token chunks; with
+`return_aggregate_stream`, /run and /runsync return the list of chunks; any other job's
+result is then the one chunk).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import runpod
+# The SDK logs each job's output (presigned URLs) and progress at DEBUG, its default level.
+os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+
+import runpod  # after the line above: the SDK reads RUNPOD_LOG_LEVEL on import
 
 from diffbox.runtime import service
 
 SERVICE = service()
 
 
-async def handler(job: dict[str, Any]) -> dict[str, Any]:
+def _reporter(job: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
     def report(payload: dict[str, Any]) -> None:
         runpod.serverless.progress_update(job, payload)
 
-    return await SERVICE.run(job["id"], job.get("input"), report)
+    return report
+
+
+def _for_runpod(result: dict[str, Any]) -> dict[str, Any]:
+    """The SDK reports a job's `error` as a string (its local API refuses anything else), so
+    the error object travels as JSON: `json.loads(body["error"])` gives it back."""
+    if isinstance(result.get("error"), dict):
+        return {**result, "error": json.dumps(result["error"])}
+    return result
+
+
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
+    return _for_runpod(await SERVICE.run(job["id"], job.get("input"), _reporter(job)))
+
+
+async def stream_handler(job: dict[str, Any]) -> AsyncIterator[Any]:
+    async for chunk in SERVICE.stream(job["id"], job.get("input"), _reporter(job)):
+        yield _for_runpod(chunk)
+
+
+def runpod_config() -> dict[str, Any]:
+    return {
+        "handler": stream_handler if SERVICE.settings.serves("chat") else handler,
+        "return_aggregate_stream": True,
+        "concurrency_modifier": lambda _current: SERVICE.settings.job_concurrency(),
+    }
 
 
 if __name__ == "__main__":
-    runpod.serverless.start({"handler": handler})
+    runpod.serverless.start(runpod_config())

@@ -7,6 +7,7 @@ waits for what is left of their start-up.
 
 from __future__ import annotations
 
+import atexit
 import functools
 
 from . import logs
@@ -18,5 +19,9 @@ from .service import Service
 def service() -> Service:
     logs.setup()
     instance = Service(Settings.from_env())
+    # The backends run in sessions of their own, so no signal to the worker reaches them:
+    # stop them when it exits (vLLM would otherwise keep its memory and port).
+    atexit.register(instance.stop)
     instance.start()
+    instance.warm_up()  # before the platform hands this worker a job
     return instance

@@ -1,32 +1,38 @@
 """One job from request to result, whatever the platform: validate -> plan -> run -> store.
 
 The adapters (`handler.py` for RunPod, `modal_app.py` for Modal) hand a job id, its input
-and a progress callback to `Service.run` and return what it returns. Blocking work (HTTP,
-WebSocket, file I/O) runs in a thread so the event loop stays free: the RunPod SDK stops a
-job by cancelling its asyncio task, and that only reaches a handler that awaits.
+and a progress callback to `Service.run` and return what it returns, or iterate
+`Service.stream` (generator handlers: chat chunks). Blocking work (HTTP, WebSocket, file
+I/O) runs in a thread so the event loop stays free: the RunPod SDK stops a job by cancelling
+its asyncio task, and that only reaches a handler that awaits. Chat jobs (chat.py) await
+vLLM directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from . import logs
+from . import chat, logs, warmup
 from .backends.comfyui import FileRef, output_files
 from .backends.comfyui_job import Outcome, PromptRun
 from .backends.comfyui_server import ComfyServer
+from .backends.vllm import VllmServer
 from .config import Settings
 from .errors import JobError, backend, validation
 from .media import InputImage, decode_image
-from .outputs import describe
 from .progress import Emit, ProgressTracker
-from .storage import InlineStore, OutputStore
-from .workflows import RAW, Workflow, parse
+from .s3 import S3Store
+from .schemas import OutputOptions
+from .storage import OutputUploads, choose_store, object_key
+from .workflows import RAW, Workflow, check_models, parse
 from .workflows.base import JobContext, Plan
 from .workflows.raw import check_allowed
 
@@ -41,15 +47,28 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.comfy = ComfyServer(settings) if "comfyui" in settings.backends else None
+        self.vllm = VllmServer(settings) if "vllm" in settings.backends else None
+        self.s3 = S3Store(settings.s3) if settings.s3 is not None else None
+        self._warmup_timings: dict[str, float] = {}
 
     def start(self) -> None:
         """Cold start: launch every configured backend without waiting for any."""
         if self.comfy is not None:
             self.comfy.supervisor.start()
+        if self.vllm is not None:
+            self.vllm.supervisor.start()
+
+    def warm_up(self) -> None:
+        """Run DIFFBOX_WARMUP's requests (see warmup.py); blocks until they are done."""
+        self._warmup_timings = warmup.warm_up(
+            self.settings.warmup, self.settings.serves,
+            lambda job_id, payload: self._run_blocking(job_id, payload, _no_progress, threading.Event()))
 
     def stop(self) -> None:
         if self.comfy is not None:
             self.comfy.supervisor.stop()
+        if self.vllm is not None:
+            self.vllm.supervisor.stop()
 
     async def run(self, job_id: str, payload: Any, emit: Emit = _no_progress,
                   stop: threading.Event | None = None) -> dict[str, Any]:
@@ -59,6 +78,8 @@ class Service:
         error of type "cancelled"); cancelling the task also stops the job, cleans up, and
         re-raises.
         """
+        if chat.is_chat(payload):
+            return await chat.result(self.settings, self.vllm, job_id, payload, stop)
         stop = stop or threading.Event()
         task = asyncio.ensure_future(asyncio.to_thread(self._run_blocking, job_id, payload, emit, stop))
         try:
@@ -69,11 +90,25 @@ class Service:
             await asyncio.wait({task}, timeout=120)
             raise
 
+    async def stream(self, job_id: str, payload: Any, emit: Emit = _no_progress,
+                     stop: threading.Event | None = None) -> AsyncIterator[Any]:
+        """Run one job as a generator handler's chunks: a chat's (streamed when it asks), or
+        any other job's result as the one chunk. A failure is the last chunk, `{"error": ...}`."""
+        if chat.is_chat(payload):
+            async for chunk in chat.stream(self.settings, self.vllm, job_id, payload, stop):
+                yield chunk
+        else:
+            yield await self.run(job_id, payload, emit, stop)
+
     def _run_blocking(self, job_id: str, payload: Any, emit: Emit, stop: threading.Event) -> dict[str, Any]:
         t0 = time.monotonic()
         job = _Job(self, job_id, emit, stop, t0)
         try:
             result = job.run(payload)
+            # The first job after a warm-up reports what the warm-up cost.
+            warmed, self._warmup_timings = self._warmup_timings, {}
+            if warmed:
+                result.setdefault("timings", {}).update(warmed)
             logs.event(log, "job done", job_id=job_id, workflow=job.workflow_name, total_s=logs.since(t0))
             return result
         except JobError as err:
@@ -90,7 +125,7 @@ class _Job:
     def __init__(self, service: Service, job_id: str, emit: Emit, stop: threading.Event, t0: float) -> None:
         self.service = service
         self.settings = service.settings
-        self.ctx = JobContext(_safe_job_id(job_id))
+        self.ctx = JobContext(_safe_job_id(job_id), uuid.uuid4().hex[:8])
         self.stop = stop
         self.t0 = t0
         self.deadline = t0 + self.settings.job_timeout_s
@@ -99,7 +134,9 @@ class _Job:
         self.dir = self.settings.work_dir / self.ctx.job_id
         self.prompt_id: str | None = None
         self.timings: dict[str, float] = {}
-        self._refs: list[FileRef] = []
+        self.options: OutputOptions | None = None
+        self.plan: Plan | None = None
+        self.uploads: OutputUploads | None = None
 
     def run(self, payload: Any) -> dict[str, Any]:
         workflow, request = parse(payload)
@@ -111,8 +148,13 @@ class _Job:
             raise validation(f"workflow: {workflow.name!r} needs ComfyUI, which this endpoint does not run")
         if workflow is RAW and self.settings.raw_node_allowlist is not None:
             check_allowed(request.workflow, self.settings.raw_node_allowlist)  # type: ignore[attr-defined]
+        self.options = getattr(request, "output", None)
+        store = choose_store(self.options and self.options.store, self.service.s3,
+                             int(self.settings.max_inline_mb * 1e6))
         self.progress.stage("inputs")
-        plan = workflow.plan(request, self.ctx, self._load_image)
+        plan = self.plan = workflow.plan(request, self.ctx, self._load_image)
+        check_models(workflow, request, self.settings.models_dir)
+        self.uploads = OutputUploads(store)
         self.timings["inputs_s"] = logs.since(self.t0)
         self.progress.stage("starting")
         comfy.supervisor.ensure_ready(self.settings.startup_timeout_s, self.stop.is_set)
@@ -124,7 +166,14 @@ class _Job:
         return self._result(workflow, request, plan, outcome)
 
     def _load_image(self, value: str, field: str) -> InputImage:
-        return decode_image(value, field, int(self.settings.max_input_mb * 1e6))
+        return decode_image(value, field, int(self.settings.max_input_mb * 1e6), self._fetch)
+
+    def _fetch(self, url: str, field: str, max_bytes: int) -> bytes:
+        if not url.startswith("s3://"):
+            raise validation(f"{field}: URL inputs are not available on this worker")
+        if self.service.s3 is None:
+            raise validation(f"{field}: s3:// inputs need S3 storage, which this endpoint does not configure")
+        return self.service.s3.fetch(url, field, max_bytes)
 
     def _execute(self, comfy: ComfyServer, plan: Plan) -> Outcome:
         submitted = time.monotonic()
@@ -141,7 +190,10 @@ class _Job:
         if outcome.status == "error":
             raise _execution_error(outcome.error or {})
         if outcome.status == "interrupted":
-            partial = self._store(plan, include_temp=False) if outcome.outputs else []
+            try:
+                partial = self._store()
+            except JobError:
+                partial = []  # why the job stopped matters more than a lost partial output
             details = {"outputs": partial} if partial else None
             if run.stop_reason == "timeout":
                 raise JobError("timeout", f"job exceeded {self.settings.job_timeout_s:g} s "
@@ -152,11 +204,35 @@ class _Job:
         return outcome
 
     def _on_output(self, node: str, output: dict[str, Any]) -> None:
-        self._refs.extend(output_files(node, output))
+        """Start storing each file as soon as ComfyUI reports it, not after the whole job."""
+        assert self.uploads is not None and self.plan is not None
+        include_temp = bool(self.options and self.options.include_temp)
+        prefix = self.settings.s3.prefix if self.settings.s3 else ""
+        if self.options and self.options.prefix is not None:
+            prefix = self.options.prefix
+        for ref in output_files(node, output):
+            if ref.type == "output" or (include_temp and ref.type == "temp"):
+                fields: dict[str, Any] = {"node": ref.node}
+                if ref.node in self.plan.partial_nodes:
+                    fields["clip"] = self.plan.partial_nodes[ref.node]
+                # The file's path inside the job's folder, so sub-folders a graph names stay apart.
+                name = f"{ref.subfolder.removeprefix(self.ctx.subfolder).strip('/')}/{ref.filename}"
+                self.uploads.add(object_key(prefix, self.ctx.job_id, name),
+                                 functools.partial(self._locate, ref), ref.animated, fields)
+
+    def _locate(self, ref: FileRef) -> Path:
+        comfy = self.service.comfy
+        assert comfy is not None
+        path = comfy.local_path(ref)
+        if path is None:
+            # Not on this disk: a download, named uniquely within the job's folder.
+            dest = self.dir / uuid.uuid4().hex[:8] / Path(ref.filename).name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            path = comfy.client.download(ref, dest)
+        return path
 
     def _result(self, workflow: Workflow, request: Any, plan: Plan, outcome: Outcome) -> dict[str, Any]:
-        options = getattr(request, "output", None)
-        stored = self._store(plan, include_temp=bool(options and options.include_temp))
+        stored = self._store()
         self.timings["total_s"] = logs.since(self.t0)
         if workflow.name == "raw":
             # The official RunPod ComfyUI worker's shape, each entry extended with our fields.
@@ -165,36 +241,20 @@ class _Job:
             return {"images": images, **plan.settings, "timings": self.timings}
         return {"workflow": workflow.name, **plan.settings, "outputs": stored, "timings": self.timings}
 
-    def _store(self, plan: Plan, include_temp: bool) -> list[dict[str, Any]]:
-        comfy = self.service.comfy
-        assert comfy is not None
+    def _store(self) -> list[dict[str, Any]]:
+        """Wait for every output's upload, in report order (most are done by now)."""
+        assert self.uploads is not None
         self.progress.stage("uploading")
         t0 = time.monotonic()
-        refs = [r for r in self._refs if r.type == "output" or (include_temp and r.type == "temp")]
-        files: list[tuple[FileRef, Path]] = []
-        for index, ref in enumerate(refs):
-            path = comfy.local_path(ref)
-            if path is None:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                path = comfy.client.download(ref, self.dir / f"{index}_{Path(ref.filename).name}")
-            files.append((ref, path))
-        store: OutputStore = InlineStore(int(self.settings.max_inline_mb * 1e6))
-        if isinstance(store, InlineStore):
-            store.check_total(sum(path.stat().st_size for _, path in files))
-        stored = []
-        for ref, path in files:
-            entry = describe(path, animated=ref.animated)
-            entry["node"] = ref.node
-            if ref.node in plan.partial_nodes:
-                entry["clip"] = plan.partial_nodes[ref.node]
-            entry.update(store.put(path, f"{self.ctx.job_id}/{path.name}", entry["content_type"]))
-            stored.append(entry)
+        stored = self.uploads.results()
         self.timings["upload_s"] = logs.since(t0)
         return stored
 
     def clean_up(self) -> None:
         """Remove everything this job left, whatever the outcome (a warm worker's disk must
         not fill up, and ComfyUI's in-memory history must not grow)."""
+        if self.uploads is not None:
+            self.uploads.close()  # no upload may still be reading a file removed below
         shutil.rmtree(self.dir, ignore_errors=True)
         comfy = self.service.comfy
         if comfy is None:

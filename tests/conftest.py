@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import requests
 
+from tests.s3 import S3Server, start_moto
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_INPUT = json.loads((REPO / "test_input.json").read_text())
 
@@ -73,6 +75,14 @@ def worker_env(comfy: ComfyTarget, work_dir: Path, **extra: str) -> dict[str, st
         env["DIFFBOX_MODELS_DIR"] = str(comfy.base_dir / "models")
     env.update(extra)
     return env
+
+
+def job_error(body: dict[str, Any]) -> dict[str, Any]:
+    """The error object of a FAILED RunPod job (the adapter sends it as a JSON string)."""
+    assert body.get("status") == "FAILED", body
+    error = json.loads(body["error"])
+    assert isinstance(error, dict)
+    return error
 
 
 @dataclass
@@ -140,3 +150,10 @@ def rp_api(comfyui: ComfyTarget, tmp_path_factory: pytest.TempPathFactory) -> It
     api = start_runpod_api(worker_env(comfyui, tmp / "work"), tmp / "handler.log")
     yield api
     api.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server on loopback, in its own process, for the whole session."""
+    with start_moto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Settings
+from ..model_paths import CONFIG_NAME, write_extra_model_paths
 from .comfyui import ComfyClient, FileRef
 from .process import ServerProcess, Supervisor
 
@@ -28,6 +29,10 @@ class ComfyServer:
             url = f"http://127.0.0.1:{settings.comfyui_port}"
             argv = [settings.comfyui_python, "main.py", "--listen", "127.0.0.1",
                     "--port", str(settings.comfyui_port), "--disable-auto-launch", *settings.comfyui_args]
+            if settings.models_dir.is_dir():
+                # Weights live outside the install (baked /models or a network volume).
+                config = write_extra_model_paths(settings.models_dir, settings.work_dir / CONFIG_NAME)
+                argv += ["--extra-model-paths-config", str(config)]
             process = ServerProcess("comfyui", argv, cwd=settings.comfyui_dir)
         else:
             raise ValueError("set DIFFBOX_COMFYUI_DIR (a ComfyUI install to start) or DIFFBOX_COMFYUI_URL")

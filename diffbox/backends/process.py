@@ -44,6 +44,9 @@ class ServerProcess:
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
+        # A restart after a crash: the children of the last run can outlive their leader
+        # (vLLM's engine core does, holding gigabytes of memory) and must go first.
+        self._kill_group()
         self._tail.clear()
         # A new session makes the server and its children (vLLM spawns workers) one group
         # we can signal together, and keeps the worker's own Ctrl-C away from them.
@@ -85,21 +88,27 @@ class ServerProcess:
         return "\n".join(self._tail)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        if self._popen is None or self._popen.poll() is not None:
+        if self._popen is None:
             return
-        pgid = self._popen.pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-            self._popen.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self._popen.wait()
-        except ProcessLookupError:
-            pass
-        # Children that outlived the leader would keep the port; the group goes with it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        logs.event(log, "backend stopped", backend=self.name, code=self._popen.returncode)
+        if self._popen.poll() is None:
+            pgid = self._popen.pid
+            try:
+                os.killpg(pgid, signal.SIGTERM)
+                self._popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self._popen.wait()
+            except ProcessLookupError:
+                pass
+            logs.event(log, "backend stopped", backend=self.name, code=self._popen.returncode)
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        # Children that outlived the leader would keep the port (and memory); the group goes
+        # with it. The group id cannot have been reused while any member is alive.
+        if self._popen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._popen.pid, signal.SIGKILL)
 
 
 class Supervisor:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from ..errors import validation
 from ..schemas import describe_validation_error
-from . import raw
+from . import chat, i2v, manifest, qwen_edit, raw, svi, wan
 from .base import ImageLoader, JobContext, Plan
 
 
@@ -23,11 +24,26 @@ class Workflow:
     name: str
     request: type[BaseModel]
     plan: Callable[[Any, JobContext, ImageLoader], Plan]
+    # The request's model set in workflows/models.json and its preset ("i2v", "fast").
+    models: Callable[[Any], tuple[str, str]] | None = None
 
 
 RAW = Workflow("raw", raw.RawRequest, raw.plan)
 # Named workflows; the typed ones register here as they are added.
-NAMED: dict[str, Workflow] = {}
+NAMED: dict[str, Workflow] = {
+    "i2v": Workflow("i2v", i2v.I2VRequest, i2v.plan, wan.models),
+    "svi": Workflow("svi", svi.SviRequest, svi.plan, wan.models),
+    "qwen_edit": Workflow("qwen_edit", qwen_edit.QwenEditRequest, qwen_edit.plan, qwen_edit.models),
+    "chat": Workflow("chat", chat.ChatRequest, chat.plan),
+}
+# Chat as the official RunPod vLLM worker takes it: its input without `workflow`.
+CHAT_DROP_IN = Workflow("chat", chat.VllmWorkerRequest, chat.plan)
+
+
+def check_models(workflow: Workflow, request: Any, models_dir: Path) -> None:
+    """Refuse, before anything is queued, a request whose weights are not on this worker."""
+    if workflow.models is not None:
+        manifest.check_present(*workflow.models(request), models_dir)
 
 
 def workflow_name(payload: dict[str, Any]) -> str:
@@ -52,6 +68,8 @@ def parse(payload: Any) -> tuple[Workflow, BaseModel]:
         raise validation(f"input: expected a JSON object, got {type(payload).__name__}")
     name = workflow_name(payload)
     workflow = RAW if name == "raw" else NAMED.get(name)
+    if name == "chat" and "workflow" not in payload:
+        workflow = CHAT_DROP_IN
     if workflow is None:
         raise validation(f"workflow: unknown workflow {name!r}; known: {', '.join(sorted(NAMED)) or 'none'}")
     try:

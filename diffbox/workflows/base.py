@@ -20,10 +20,13 @@ JOB_FOLDER = "diffbox"
 @dataclass(frozen=True)
 class JobContext:
     job_id: str
+    # Differs on every run: ComfyUI answers a resubmitted identical graph from its cache with
+    # the files of the earlier run (deleted by then), so no two runs may share a folder name.
+    run_id: str = ""
 
     @property
     def subfolder(self) -> str:
-        return f"{JOB_FOLDER}/{self.job_id}"
+        return f"{JOB_FOLDER}/{self.job_id}" + (f"-{self.run_id}" if self.run_id else "")
 
     def input_ref(self, name: str) -> str:
         """How a `LoadImage` node names a file uploaded for this job."""

@@ -17,7 +17,7 @@ from typing import Any
 import av
 from PIL import Image, ImageChops, ImageOps
 
-from tests.conftest import REPO, TEST_INPUT, ComfyTarget, RunpodApi, worker_env
+from tests.conftest import REPO, TEST_INPUT, ComfyTarget, RunpodApi, job_error, worker_env
 
 
 def _input_image() -> Image.Image:
@@ -59,9 +59,7 @@ def test_comfyui_validation_error_names_the_node(rp_api: RunpodApi) -> None:
         "1": {"class_type": "EmptyImage", "inputs": {"width": 999999, "height": 8, "batch_size": 1, "color": 0}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
     }
-    body = rp_api.runsync({"workflow": graph})
-    assert body["status"] == "FAILED", body
-    error = body["error"]
+    error = job_error(rp_api.runsync({"workflow": graph}))
     assert error["type"] == "validation"
     assert "node 1 (EmptyImage)" in error["message"] and "16384" in error["message"]
     node = error["details"]["node_errors"]["1"]
@@ -77,9 +75,7 @@ def test_runtime_error_names_node_class_and_exception(rp_api: RunpodApi) -> None
         "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 31, "sigma": 1.0}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "err"}},
     }
-    body = rp_api.runsync({"workflow": graph})
-    assert body["status"] == "FAILED", body
-    error = body["error"]
+    error = job_error(rp_api.runsync({"workflow": graph}))
     assert error["type"] == "backend"
     assert error["message"].startswith("node 2 (ImageBlur) failed: RuntimeError: ")
     assert "Padding size" in error["message"]
@@ -103,10 +99,9 @@ def test_request_errors_name_the_field_and_never_reach_comfyui(rp_api: RunpodApi
         ({"workflow": "no_such_workflow"}, "workflow: unknown workflow 'no_such_workflow'"),
     ]
     for job_input, expected in cases:
-        body = rp_api.runsync(job_input)
-        assert body["status"] == "FAILED", (job_input, body)
-        assert body["error"]["type"] == "validation", body
-        assert expected in body["error"]["message"], (expected, body["error"]["message"])
+        error = job_error(rp_api.runsync(job_input))
+        assert error["type"] == "validation", error
+        assert expected in error["message"], (expected, error["message"])
 
 
 def test_test_input_mode_runs_the_job(comfyui: ComfyTarget, tmp_path: Path) -> None:

@@ -1,0 +1,155 @@
+"""`python -m builder plan|download|verify|paths|comfyui`: see README.md ("Weights")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffbox.model_paths import CONFIG_NAME, chat_model_dir, write_extra_model_paths
+from diffbox.workflows import manifest as manifest_module
+from diffbox.workflows.graph import WORKFLOWS_DIR
+
+from . import BuildError, comfyui, weights
+
+
+def _csv(value: str) -> list[str] | None:
+    """A comma-separated option; "all" means no filter, "none" an empty selection."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if parts == ["all"]:
+        return None
+    return [] if parts == ["none"] else parts
+
+
+def _selection(args: argparse.Namespace) -> list[manifest_module.ModelFile]:
+    manifest = manifest_module.load(args.manifest)
+    workflows = _csv(args.workflows)
+    if workflows == []:
+        return []
+    return weights.select(manifest, workflows, _csv(args.presets))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    files = _selection(args)
+    if args.json:
+        entries = [{"key": f.key, "repo": f.repo, "revision": f.revision, "path": f.path, "folder": f.folder,
+                 "size": f.size, "sha256": f.sha256} for f in files]
+        print(json.dumps({"files": entries, "total_bytes": sum(f.size for f in files)}, indent=1))
+        return 0
+    rows = [[f.repo, f.revision, f.path, f.folder, weights.human_size(f.size)] for f in files]
+    print(weights.table(["repo", "revision", "path", "folder", "size"], rows))
+    print(f"\n{len(files)} files, {weights.human_size(sum(f.size for f in files))} "
+          f"({sum(f.size for f in files)} bytes)")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    files = _selection(args)
+    dest: Path = args.dest
+    outcomes = weights.download(files, dest, workers=args.workers)
+    problems = [[o.file.repo, o.file.revision, o.file.path, o.detail] for o in outcomes if o.status == "failed"]
+    if args.chat_model:
+        repo, revision = weights.parse_repo_ref(args.chat_model)
+        print(f"chat model: {repo}@{revision} -> {chat_model_dir(dest, repo)}", flush=True)
+        try:
+            weights.download_chat_model(repo, revision, dest, workers=args.workers)
+        except Exception as exc:
+            problems.append([repo, revision, "(snapshot)", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"])
+    write_extra_model_paths(dest, dest / CONFIG_NAME, (f.folder for f in files))
+    fetched = sum(o.file.size for o in outcomes if o.status == "downloaded")
+    placed = sum(o.status != "failed" for o in outcomes)
+    print(f"{placed} of {len(outcomes)} files in place under {dest} ({weights.human_size(fetched)} fetched now)")
+    if problems:
+        print("\nnot downloaded:\n" + weights.table(["repo", "revision", "path", "problem"], problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    checks = list(weights.verify(_selection(args), args.dest, hashes=not args.no_hash))
+    bad = [c for c in checks if not c.ok]
+    shown = checks if args.all else bad
+    if shown:
+        rows = [[c.status, f"{c.file.folder}/{c.file.name}", str(c.file.size),
+                 "" if c.actual_size is None else str(c.actual_size), c.detail] for c in shown]
+        print(weights.table(["status", "file", "expected bytes", "bytes", "detail"], rows))
+    print(f"{len(checks) - len(bad)} of {len(checks)} files ok under {args.dest}")
+    return 1 if bad else 0
+
+
+def _paths(args: argparse.Namespace) -> int:
+    manifest = manifest_module.load(args.manifest)
+    out = write_extra_model_paths(args.dest, args.out or args.dest / CONFIG_NAME,
+                                  (f.folder for f in manifest.files.values()))
+    print(out)
+    return 0
+
+
+def _comfyui(args: argparse.Namespace) -> int:
+    torch = tuple(args.torch.split()) if args.torch else comfyui.TORCH_PACKAGES
+    folder = comfyui.install(args.dest, pins=args.pins, cpu=args.cpu, torch_index=args.torch_index,
+                             torch_packages=torch, deps=not args.no_deps_install)
+    print(f"ComfyUI ready in {folder}" + ("" if args.no_deps_install else f", python {args.dest / 'venv/bin/python'}"))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m builder", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def selection(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workflows", default="all",
+                       help="comma-separated: i2v, svi, qwen_edit (every variant) or qwen_edit:2511; all; none")
+        p.add_argument("--presets", default="all", help="comma-separated: fast, quality; all")
+        p.add_argument("--manifest", type=Path, default=WORKFLOWS_DIR / "models.json")
+
+    p = sub.add_parser("plan", help="list the files a selection needs, and their total size")
+    selection(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_plan)
+
+    p = sub.add_parser("download", help="fetch the files into ComfyUI's folder layout under --dest")
+    selection(p)
+    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--workers", type=int, default=4, help="files fetched in parallel")
+    p.add_argument("--chat-model", metavar="REPO[@REV]", help="also a vLLM model snapshot, under DEST/llm/REPO")
+    p.set_defaults(run=_download)
+
+    p = sub.add_parser("verify", help="check presence, sizes and sha256 of the files under --dest")
+    selection(p)
+    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--no-hash", action="store_true", help="sizes only (hashing reads every byte)")
+    p.add_argument("--all", action="store_true", help="list good files too")
+    p.set_defaults(run=_verify)
+
+    p = sub.add_parser("paths", help=f"write ComfyUI's {CONFIG_NAME} for --dest")
+    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--out", type=Path, help=f"default: DEST/{CONFIG_NAME}")
+    p.add_argument("--manifest", type=Path, default=WORKFLOWS_DIR / "models.json")
+    p.set_defaults(run=_paths)
+
+    p = sub.add_parser("comfyui", help="ComfyUI and custom nodes at their pinned commits, and a venv")
+    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--pins", type=Path, default=comfyui.PINS)
+    p.add_argument("--cpu", action="store_true", help=f"torch from {comfyui.TORCH_CPU_INDEX}")
+    p.add_argument("--torch-index", help="install torch from this index first (e.g. .../whl/cu128)")
+    p.add_argument("--torch", help=f"torch packages, space-separated (default: {' '.join(comfyui.TORCH_PACKAGES)})")
+    p.add_argument("--no-deps-install", action="store_true", help="clone only: no venv, no pip")
+    p.set_defaults(run=_comfyui)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

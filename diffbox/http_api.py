@@ -1,0 +1,202 @@
+"""RunPod's serverless HTTP API (`/run`, `/runsync`, `/status/{id}`, `/cancel/{id}`) over any
+job runner, so an app switches between a RunPod endpoint and another deployment by base URL.
+
+`create_app(jobs)` builds the FastAPI app; `jobs` is where jobs run: `LocalJobs` runs them in
+this process on a `Service`, and `modal_app.py` has one that spawns them on Modal's GPU class.
+The envelopes are RunPod's: `{"input": ...}` in; `{"id", "status", "output"}` or
+`{"id", "status": "FAILED", "error"}` out, `error` being the job's error object as JSON text,
+as a RunPod endpoint running handler.py returns it. While a job runs, `output` on `/status` is its latest
+progress payload, as RunPod shows `progress_update`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from .jobs import MemoryProgressStore, ProgressStore
+from .service import Service
+
+Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
+# RunPod's /runsync waits 90 s unless `?wait=` (ms) says otherwise, then answers with the
+# job's id and status for the caller to poll /status.
+DEFAULT_WAIT_S = 90.0
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    status: Status
+    output: Any = None
+    error: Any = None
+
+    @classmethod
+    def finished(cls, result: dict[str, Any]) -> JobStatus:
+        """The status of a job that returned `result`: an error result fails the job, as the
+        runpod SDK does with a handler's `{"error": ...}`."""
+        if "error" in result:
+            return cls.failed(result["error"])
+        return cls("COMPLETED", output=result)
+
+    @classmethod
+    def failed(cls, error: Any, status: Status = "FAILED") -> JobStatus:
+        # RunPod's `error` is a string: an error object travels as JSON text, as handler.py sends it.
+        return cls(status, error=json.dumps(error) if isinstance(error, dict) else error)
+
+    @classmethod
+    def running(cls, progress: dict[str, Any] | None) -> JobStatus:
+        return cls("IN_QUEUE") if progress is None else cls("IN_PROGRESS", output=progress)
+
+    def envelope(self, job_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": job_id, "status": self.status}
+        if self.output is not None:
+            body["output"] = self.output
+        if self.error is not None:
+            body["error"] = self.error
+        return body
+
+
+class Jobs(Protocol):
+    async def submit(self, payload: Any) -> str:
+        """Queue one job; returns its id."""
+        ...
+
+    async def status(self, job_id: str, wait_s: float = 0.0) -> JobStatus | None:
+        """The job's status, waiting up to `wait_s` for it to finish; None for an unknown id."""
+        ...
+
+    async def cancel(self, job_id: str) -> JobStatus | None:
+        ...
+
+
+class LocalJobs:
+    """Jobs run on `service` in this process's event loop; the latest `keep` are remembered."""
+
+    def __init__(self, service: Service, progress: ProgressStore | None = None, keep: int = 1000) -> None:
+        self.service = service
+        self.progress = progress if progress is not None else MemoryProgressStore()
+        self.keep = keep
+        self._jobs: OrderedDict[str, tuple[asyncio.Task[dict[str, Any]], threading.Event]] = OrderedDict()
+
+    async def submit(self, payload: Any) -> str:
+        job_id = str(uuid.uuid4())
+        stop = threading.Event()
+
+        def emit(update: dict[str, Any]) -> None:
+            self.progress.put(job_id, update)
+
+        task = asyncio.create_task(self.service.run(job_id, payload, emit, stop))
+        self._jobs[job_id] = (task, stop)
+        self._forget_old()
+        return job_id
+
+    async def status(self, job_id: str, wait_s: float = 0.0) -> JobStatus | None:
+        if (job := self._jobs.get(job_id)) is None:
+            return None
+        task, stop = job
+        if wait_s > 0 and not task.done():
+            await asyncio.wait({task}, timeout=wait_s)
+        if not task.done():
+            return JobStatus.running(self.progress.get(job_id))
+        result = task.result()
+        if stop.is_set() and result.get("error", {}).get("type") == "cancelled":
+            return JobStatus("CANCELLED")
+        return JobStatus.finished(result)
+
+    async def cancel(self, job_id: str) -> JobStatus | None:
+        if (job := self._jobs.get(job_id)) is None:
+            return None
+        task, stop = job
+        if not task.done():
+            stop.set()
+        return await self.status(job_id)
+
+    def _forget_old(self) -> None:
+        finished = [job_id for job_id, (task, _) in self._jobs.items() if task.done()]
+        for job_id in finished[: max(len(self._jobs) - self.keep, 0)]:
+            del self._jobs[job_id]
+
+
+def create_app(jobs: Jobs, api_key: str | None = None, max_wait_s: float = 300.0) -> FastAPI:
+    """RunPod's endpoint API over `jobs`, at `/run` and under any `/{endpoint_id}/run`: the
+    runpod SDK builds its URLs as `{endpoint_url_base}/{endpoint_id}/...`.
+
+    `api_key`, when set, is required as `Authorization: Bearer <key>` (RunPod's scheme; the bare
+    key, which the runpod SDK sends, is accepted too). `max_wait_s` caps `/runsync`'s `?wait=`:
+    a platform whose proxy cuts requests sooner (Modal: 150 s) must answer before it does.
+    """
+    app = FastAPI(title="diffbox", description=__doc__, docs_url=None, redoc_url=None)
+    routes = APIRouter()
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next: Any) -> Any:
+        if api_key is not None and not _authorized(request.headers.get("authorization"), api_key):
+            return JSONResponse({"error": "missing or wrong API key (Authorization: Bearer <key>)"}, 401)
+        return await call_next(request)
+
+    @app.exception_handler(_BadRequest)
+    async def bad_request(_: Request, exc: _BadRequest) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, 400)
+
+    @routes.post("/run")
+    async def run(request: Request) -> JSONResponse:
+        job_id = await jobs.submit(await _job_input(request))
+        return JSONResponse({"id": job_id, "status": "IN_QUEUE"})
+
+    @routes.post("/runsync")
+    async def runsync(request: Request, wait: int | None = None) -> JSONResponse:
+        payload = await _job_input(request)
+        wait_s = min(DEFAULT_WAIT_S if wait is None else max(wait, 0) / 1000, max_wait_s)
+        job_id = await jobs.submit(payload)
+        status = await jobs.status(job_id, wait_s)
+        return JSONResponse((status or JobStatus("IN_QUEUE")).envelope(job_id))
+
+    @routes.api_route("/status/{job_id}", methods=["GET", "POST"])
+    async def status(job_id: str) -> JSONResponse:
+        return _answer(job_id, await jobs.status(job_id))
+
+    @routes.post("/cancel/{job_id}")
+    async def cancel(job_id: str) -> JSONResponse:
+        return _answer(job_id, await jobs.cancel(job_id))
+
+    app.include_router(routes)
+    app.include_router(routes, prefix="/{endpoint_id}")
+    return app
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _authorized(header: str | None, api_key: str) -> bool:
+    given = (header or "").removeprefix("Bearer ").strip()
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+async def _job_input(request: Request) -> Any:
+    """The `input` of a RunPod request body."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _BadRequest("the request body is not JSON") from None
+    if not isinstance(body, dict) or "input" not in body:
+        raise _BadRequest('input: required; the body is {"input": {...}}')
+    # RunPod's other envelope fields (webhook, policy, s3Config) are not implemented: refusing
+    # them is better than a webhook that is never called or outputs in the wrong bucket.
+    if unknown := sorted(set(body) - {"input"}):
+        raise _BadRequest(f"{', '.join(unknown)}: not supported by this endpoint")
+    return body["input"]
+
+
+def _answer(job_id: str, status: JobStatus | None) -> JSONResponse:
+    if status is None:
+        return JSONResponse({"id": job_id, "error": "job not found (unknown id, or its result has expired)"}, 404)
+    return JSONResponse(status.envelope(job_id))

@@ -1,0 +1,42 @@
+"""Wan 2.2 14B image to video: one start image (and optionally an end image) and a prompt
+become an mp4, wired as the official `video_wan2_2_14B_i2v` template (`workflows/i2v.json`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from .base import ImageLoader, JobContext, Plan
+from .common import Prompt, check_frames
+from .wan import Start, WanRequest
+
+
+class I2VRequest(WanRequest):
+    workflow: Literal["i2v"]
+    prompt: Prompt
+    frames: int = Field(default=81, description="4n+1, 5 to 161.")
+    end_image: str | None = Field(default=None, description="Optional last frame (first-last-frame video).")
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, value: int) -> int:
+        return check_frames(value)
+
+
+def plan(request: I2VRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
+    start = Start.of(request, "i2v", ctx, load_image)
+    b = start.b
+    b.set("positive", text=request.prompt)
+    b.set("image_to_video", width=start.width, height=start.height, length=request.frames)
+    if request.end_image is not None:
+        _, end_ref = start.files.add(request.end_image, "end_image", "end")
+        b.retype("image_to_video", "WanFirstLastFrameToVideo")
+        b.set("image_to_video", end_image=b.add("LoadImage", "end_image", image=end_ref))
+    start.sampling.configure_samplers(b, start.seed)
+    b.set("create_video", fps=float(request.fps))
+    b.set("save", filename_prefix=ctx.output_prefix("i2v"))
+
+    settings = {**start.settings(), "frames": request.frames, "fps": request.fps,
+                "duration_s": round(request.frames / request.fps, 3)}
+    return Plan(workflow="i2v", graph=b.graph, uploads=start.files.uploads, settings=settings)

@@ -1,0 +1,168 @@
+"""Progress, cancellation, timeouts and backend failures, through `Service` in this process.
+
+These need the fake ComfyUI: a sampler that runs without weights, and fault injection
+(dying mid-job, dropping the WebSocket). The service is the real one, talking HTTP and
+WebSocket to the fake as it would to ComfyUI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from diffbox.config import Settings
+from diffbox.service import Service
+from tests.conftest import TEST_INPUT, ComfyTarget, free_port
+from tests.fakes.comfyui import write_comfyui_dir
+from tests.fakes.comfyui.faults import set_config, set_fault
+
+
+def sampler_graph(steps: int) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": -1, "steps": steps, "cfg": 1.0, "sampler_name": "euler",
+            "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "sampled"}},
+    }
+
+
+def _settings(comfy: ComfyTarget, tmp_path: Path, **overrides: Any) -> Settings:
+    assert comfy.base_dir is not None
+    values: dict[str, Any] = {
+        "comfyui_url": comfy.url, "comfyui_dir": comfy.base_dir, "work_dir": tmp_path / "work",
+        "startup_timeout_s": 30, **overrides,
+    }
+    return Settings(**values)
+
+
+@pytest.fixture
+def comfy(fake_comfyui: ComfyTarget) -> Iterator[ComfyTarget]:
+    assert fake_comfyui.base_dir is not None
+    checkpoints = fake_comfyui.base_dir / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "tiny.safetensors").write_bytes(b"")
+    set_config(fake_comfyui.url, step_delay_s=0.05)
+    yield fake_comfyui
+    set_config(fake_comfyui.url, step_delay_s=0.01)
+
+
+def _queue_ids(url: str) -> list[str]:
+    body = requests.get(f"{url}/queue", timeout=5).json()
+    return [item[1] for item in body["queue_running"] + body["queue_pending"]]
+
+
+def _job_files(comfy: ComfyTarget, job_id: str) -> list[Path]:
+    assert comfy.base_dir is not None
+    return [p for folder in ("input", "output") for p in (comfy.base_dir / folder / "diffbox").glob(f"{job_id}-*")]
+
+
+async def _next_job_succeeds(service: Service) -> None:
+    result = await service.run("after", TEST_INPUT["input"])
+    assert "error" not in result, result
+    assert len(result["images"]) == 2
+
+
+async def test_progress_is_monotonic_and_reports_steps(comfy: ComfyTarget, tmp_path: Path) -> None:
+    service = Service(_settings(comfy, tmp_path))
+    updates: list[dict[str, Any]] = []
+    result = await service.run("progress", {"workflow": sampler_graph(40)}, updates.append)
+    assert "error" not in result, result
+    assert isinstance(result["seed"], int) and result["seeds"] == {"5": result["seed"]}
+    stages = [u["stage"] for u in updates]
+    assert stages[0] == "inputs" and "running" in stages and stages[-1] == "uploading"
+    assert [u["seq"] for u in updates] == sorted(u["seq"] for u in updates)
+    assert [u["percent"] for u in updates] == sorted(u["percent"] for u in updates)
+    sampling = [u for u in updates if u.get("node") == "KSampler" and "step" in u]
+    assert sampling and all(u["steps"] == 40 for u in sampling)
+    assert updates[-1]["percent"] >= 95
+
+
+async def test_cancelling_the_task_stops_our_prompt_and_cleans_up(comfy: ComfyTarget, tmp_path: Path) -> None:
+    service = Service(_settings(comfy, tmp_path))
+    running = threading.Event()
+
+    def on_progress(update: dict[str, Any]) -> None:
+        if update.get("step"):
+            running.set()
+
+    task = asyncio.ensure_future(service.run("cancel-me", {"workflow": sampler_graph(400)}, on_progress))
+    assert await asyncio.to_thread(running.wait, 20)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _queue_ids(comfy.url) == []
+    assert _job_files(comfy, "cancel-me") == []
+    assert not (tmp_path / "work" / "cancel-me").exists()
+    await _next_job_succeeds(service)
+
+
+async def test_stop_event_returns_cancelled(comfy: ComfyTarget, tmp_path: Path) -> None:
+    service = Service(_settings(comfy, tmp_path))
+    stop = threading.Event()
+
+    def on_progress(update: dict[str, Any]) -> None:
+        if update.get("step"):
+            stop.set()
+
+    result = await service.run("stop-me", {"workflow": sampler_graph(400)}, on_progress, stop)
+    assert result["error"]["type"] == "cancelled"
+    assert _queue_ids(comfy.url) == []
+    assert _job_files(comfy, "stop-me") == []
+
+
+async def test_timeout_interrupts_and_reports(comfy: ComfyTarget, tmp_path: Path) -> None:
+    service = Service(_settings(comfy, tmp_path, job_timeout_s=1.0))
+    result = await service.run("slow", {"workflow": sampler_graph(400)})
+    assert result["error"]["type"] == "timeout"
+    assert "DIFFBOX_JOB_TIMEOUT_S" in result["error"]["message"]
+    assert _queue_ids(comfy.url) == []
+    assert _job_files(comfy, "slow") == []
+    await _next_job_succeeds(Service(_settings(comfy, tmp_path)))
+
+
+async def test_dropped_websocket_reconnects_and_finishes(comfy: ComfyTarget, tmp_path: Path) -> None:
+    service = Service(_settings(comfy, tmp_path))
+    set_fault(comfy.url, "drop_ws", node_class="KSampler", step=2)
+    result = await service.run("dropped", {"workflow": sampler_graph(6)})
+    assert "error" not in result, result
+    assert [i["filename"] for i in result["images"]] == ["sampled_00001_.png"]
+
+
+async def test_comfyui_dying_mid_job_fails_it_and_the_next_job_gets_a_fresh_one(
+    fake_comfyui: ComfyTarget, tmp_path: Path
+) -> None:
+    comfy_dir = tmp_path / "ComfyUI"
+    write_comfyui_dir(comfy_dir)
+    (comfy_dir / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (comfy_dir / "models" / "checkpoints" / "tiny.safetensors").write_bytes(b"")
+    port = free_port()
+    service = Service(Settings(comfyui_dir=comfy_dir, comfyui_port=port, work_dir=tmp_path / "work",
+                               startup_timeout_s=60, comfyui_args=["--cpu"]))
+    service.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await asyncio.to_thread(service.comfy.supervisor.ensure_ready, 60)  # type: ignore[union-attr]
+        first_pid = service.comfy.supervisor.process.pid  # type: ignore[union-attr]
+        set_fault(url, "die", node_class="KSampler", step=2)
+        result = await service.run("dies", {"workflow": sampler_graph(6)})
+        error = result["error"]
+        assert error["type"] == "backend"
+        assert error["message"] == "comfyui exited with code 3 during the job"
+        assert error["details"]["exit_code"] == 3
+        assert "To see the GUI go to" in error["details"]["log_tail"]
+        await _next_job_succeeds(service)
+        assert service.comfy.supervisor.process.pid != first_pid  # type: ignore[union-attr]
+    finally:
+        service.stop()
