@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -61,4 +63,8 @@ def runpod_config() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # The SDK's local API (uvicorn) re-raises SIGTERM once it has shut down, which would end
+    # the process without running the exit hook that stops the backends (they run in sessions
+    # of their own, so the signal does not reach them). The queue worker sets its own handler.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     runpod.serverless.start(runpod_config())

@@ -79,6 +79,7 @@ class DeployConfig:
     api_secret: str | None
     worker_env: dict[str, str | None]
     with_vllm: bool
+    concurrency: int
     timeout_s: int
     startup_timeout_s: int
 
@@ -114,6 +115,7 @@ def deploy_config(env: Mapping[str, str]) -> DeployConfig:
         api_secret=env.get("DIFFBOX_MODAL_API_SECRET", "diffbox-api") or None,
         worker_env={**worker_env},
         with_vllm=with_vllm,
+        concurrency=settings.job_concurrency(),
         timeout_s=min(int(settings.startup_timeout_s + settings.job_timeout_s) + margin, MODAL_MAX_TIMEOUT_S),
         startup_timeout_s=min(int(settings.startup_timeout_s + len(settings.warmup) * settings.job_timeout_s)
                               + margin, MODAL_MAX_TIMEOUT_S),
@@ -174,6 +176,13 @@ def _secrets(*names: str | None, required: tuple[str, ...] = ()) -> list[modal.S
     return [modal.Secret.from_name(name, required_keys=list(required)) for name in names if name]
 
 
+def _concurrency(cls: type[Any]) -> Any:
+    # Above one, Modal runs sync inputs on threads and cancels one by restarting the container
+    # (with the others rescheduled); at one it interrupts just that input, so only vLLM-only
+    # workers (which batch requests) take several at once, as on RunPod.
+    return modal.concurrent(max_inputs=CONFIG.concurrency)(cls) if CONFIG.concurrency > 1 else cls
+
+
 @app.cls(
     image=gpu_image,
     gpu=CONFIG.gpu,
@@ -184,6 +193,7 @@ def _secrets(*names: str | None, required: tuple[str, ...] = ()) -> list[modal.S
     timeout=CONFIG.timeout_s,
     startup_timeout=CONFIG.startup_timeout_s,
 )
+@_concurrency
 class Worker:
     service: Service
 

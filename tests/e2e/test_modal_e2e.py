@@ -3,34 +3,29 @@
 No Modal account: `Worker` methods run with `.local()` (which runs `@modal.enter()` first),
 and the web API runs on FastAPI's test client, with stand-ins for Modal's Dict and function
 calls (tests/fakes/modal_stubs.py). The RunPod side is the runpod SDK's own local API server
-running handler.py, against the same ComfyUI; for failed jobs, the SDK's `run_job` on
-handler.py's handler in this process, since runpod 1.12.0's local server declares `error` a
-string and answers 500 to an error object.
+running handler.py, against the same ComfyUI.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import concurrent.futures
 import io
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import modal
 import pytest
-import runpod
 from fastapi.testclient import TestClient
 from PIL import Image
-from runpod.serverless.modules.rp_job import run_job
 
 import modal_app
 from diffbox import runtime
 from diffbox.http_api import LocalJobs, create_app
-from tests.conftest import TEST_INPUT, ComfyTarget, RunpodApi, worker_env
+from tests.conftest import TEST_INPUT, ComfyTarget, RunpodApi, job_error, worker_env
 from tests.fakes.modal_stubs import FakeCall, FakeCalls, FakeDict
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Worker.* function is executing locally")
@@ -91,26 +86,11 @@ def test_run_returns_what_the_runpod_handler_returns(rp_api: RunpodApi, progress
     assert job_id.startswith("local-") and last["stage"] == "uploading"
 
 
-@pytest.fixture
-def runpod_job(progress: FakeDict, monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], dict[str, Any]]:
-    """What the runpod SDK makes of handler.py's answer to one job: `{"output"}` or `{"error"}`."""
-    import handler
-
-    monkeypatch.setattr(handler, "SERVICE", runtime.service())
-    monkeypatch.setattr(runpod.serverless, "progress_update", lambda job, payload: None)
-
-    def run(job_input: Any) -> dict[str, Any]:
-        return cast(dict[str, Any], asyncio.run(run_job(handler.handler, {"id": "rp-job", "input": job_input})))
-
-    return run
-
-
-def test_errors_are_those_of_the_runpod_handler(runpod_job: Callable[[Any], dict[str, Any]]) -> None:
+def test_errors_are_those_of_the_runpod_handler(rp_api: RunpodApi, progress: FakeDict) -> None:
     worker = modal_app.Worker()
     for job_input in BAD_INPUTS:
-        expected = runpod_job(job_input)
-        assert set(expected) == {"error"}, expected
-        assert worker.run.local(job_input) == expected
+        # The same error object; RunPod's envelope carries it as JSON text.
+        assert worker.run.local(job_input) == {"error": job_error(rp_api.runsync(job_input))}
 
 
 def test_stream_yields_progress_then_the_result(rp_api: RunpodApi, progress: FakeDict) -> None:
@@ -124,7 +104,6 @@ def test_stream_yields_progress_then_the_result(rp_api: RunpodApi, progress: Fak
 
 
 def test_web_api_answers_like_runpods(rp_api: RunpodApi, progress: FakeDict,
-                                      runpod_job: Callable[[Any], dict[str, Any]],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The deployed web app (create_app over ModalJobs), with `Worker.run` spawned as a
     `.local()` call on a thread instead of a Modal container."""
@@ -156,7 +135,8 @@ def test_web_api_answers_like_runpods(rp_api: RunpodApi, progress: FakeDict,
             assert progress.data[body["id"]]["stage"] == "uploading"
 
             failed = api.post("/runsync", json={"input": BAD_INPUTS[0]}).json()
-            assert failed == {"id": failed["id"], "status": "FAILED", "error": runpod_job(BAD_INPUTS[0])["error"]}
+            expected = rp_api.runsync(BAD_INPUTS[0])
+            assert {**failed, "id": None} == {**expected, "id": None}
 
             job_id = api.post("/run", json=TEST_INPUT).json()["id"]
             assert api.get(f"/status/{job_id}").json()["status"] in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")

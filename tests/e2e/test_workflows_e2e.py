@@ -156,12 +156,12 @@ async def test_svi_cancelled_after_clip_2_keeps_clips_1_and_2(comfy: ComfyTarget
     assert comfy.base_dir is not None
     service = _service(comfy, tmp_path)
     stop = threading.Event()
-    outputs = comfy.base_dir / "output" / "diffbox" / "cancel-svi"
+    outputs = comfy.base_dir / "output" / "diffbox"
     updates: list[dict[str, Any]] = []
 
     def cancel_when_clip_2_is_saved() -> None:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(outputs.glob("svi_clip02_*.mp4")):
+        while time.monotonic() < deadline and not any(outputs.glob("cancel-svi*/svi_clip02_*.mp4")):
             time.sleep(0.005)
         stop.set()
 

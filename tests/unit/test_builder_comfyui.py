@@ -119,6 +119,6 @@ def test_deps_go_into_a_venv_torch_first_then_all_requirements_at_once(
 
 def test_the_repository_pins_name_comfyui_and_kjnodes_by_commit() -> None:
     core, nodes = comfyui.load_pins()
-    assert core.repo == "https://github.com/comfyanonymous/ComfyUI" and len(core.commit) == 40
+    assert core.repo == "https://github.com/Comfy-Org/ComfyUI" and len(core.commit) == 40
     assert "ComfyUI-KJNodes" in {n.name for n in nodes}
     assert all(len(n.commit) == 40 for n in nodes)

@@ -501,7 +501,7 @@ def test_recorded_image_and_video_jobs_replay_message_for_message(fake: Fake) ->
         job, want = recorded_job(name)
         graph = json.loads(json.dumps(want["prompt"][2]).replace("probe_in.png", f"{token}/probe_in.png")
                            .replace('"probe/', f'"{token}/'))
-        extra = {"extra_data": {"foo": 1}} if name == "with_extra" else {}
+        extra: dict[str, Any] = {"extra_data": {"foo": 1}} if name == "with_extra" else {}
         got = run_job(fake, graph, **extra)
         numbers.append(got.answer["number"])
         assert summary(got.messages) == summary(job["ws"]), name
@@ -518,11 +518,11 @@ def test_recorded_image_and_video_jobs_replay_message_for_message(fake: Fake) ->
     video = requests.get(f"{fake.url}/view", params={"filename": "vid_00001_.mp4", "subfolder": token,
                                                      "type": "output"}, timeout=TIMEOUT)
     assert video.headers["Content-Type"] == recorded("view_video.json")["headers"]["Content-Type"]
-    with av.open(io.BytesIO(video.content)) as container:
+    with av.open(io.BytesIO(video.content), mode="r") as container:
         stream = container.streams.video[0]
         frames = list(container.decode(stream))
-        assert (len(frames), stream.width, stream.height, stream.codec_context.name, stream.average_rate) == (
-            8, 64, 48, "h264", 16)
+        assert (len(frames), stream.width, stream.height, stream.codec_context.name) == (8, 64, 48, "h264")
+        assert stream.average_rate == 16
         assert frames[0].format.name == "yuv420p"
 
 

@@ -57,8 +57,9 @@ def test_runsync_returns_runpods_envelope() -> None:
         assert body["status"] == "COMPLETED" and body["output"] == {"workflow": "i2v", "echo": {"prompt": "a cat"}}
         assert set(body) == {"id", "status", "output"}
         failed = api.post("/runsync", json={"input": {"fail": True}}).json()
+        # RunPod's `error` is a string: the error object as JSON text, as handler.py sends it.
         assert failed == {"id": failed["id"], "status": "FAILED",
-                          "error": {"type": "validation", "message": "prompt: required"}}
+                          "error": '{"type": "validation", "message": "prompt: required"}'}
 
 
 def test_run_then_status_shows_progress_then_the_result() -> None:

@@ -40,13 +40,13 @@ class FakeService:
             return {"error": {"type": "validation", "message": "input: bad"}}
         return {"job_id": job_id, "echo": payload}
 
-
-class StreamingService(FakeService):
     async def stream(self, job_id: str, payload: Any, emit: Emit,
                      stop: threading.Event | None = None) -> AsyncIterator[dict[str, Any]]:
-        emit({"seq": 1, "stage": "running", "percent": 50.0, "elapsed_s": 0.0})
-        for word in ("a", "b"):
-            yield {"delta": word}
+        if payload == "chat":
+            for word in ("a", "b"):
+                yield {"delta": word}
+        else:
+            yield await self.run(job_id, payload, emit, stop)
 
 
 def service(fake: FakeService) -> Service:
@@ -67,12 +67,8 @@ def test_stream_job_yields_progress_then_the_result() -> None:
     assert events[-1] == {"job_id": "job-1", "echo": {"x": 1}}
 
 
-def test_stream_job_uses_service_stream_when_there_is_one() -> None:
-    events = list(stream_job(service(StreamingService()), "job-1", {"x": 1}))
-    assert events == [{"progress": {"seq": 1, "stage": "running", "percent": 50.0, "elapsed_s": 0.0}},
-                      {"delta": "a"}, {"delta": "b"}]
-    # `run` keeps the plain handler's contract even then.
-    assert run_job(service(StreamingService()), "job-2", {"x": 1}) == {"job_id": "job-2", "echo": {"x": 1}}
+def test_stream_job_yields_the_chunks_of_service_stream() -> None:
+    assert list(stream_job(service(FakeService()), "job-1", "chat")) == [{"delta": "a"}, {"delta": "b"}]
 
 
 def test_closing_the_stream_stops_the_job() -> None:

@@ -47,7 +47,7 @@ def test_bad_values_are_refused_naming_the_field(value: str, message: str) -> No
 
 
 def test_size_is_checked_before_decoding() -> None:
-    with pytest.raises(JobError, match="larger than the 0.0001 MB limit"):
+    with pytest.raises(JobError, match=r"larger than the 0\.0001 MB limit"):
         decode_image("A" * 1000, "image", 100)
 
 

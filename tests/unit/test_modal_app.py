@@ -146,7 +146,7 @@ async def test_modal_jobs_map_call_states_to_runpod_statuses(calls: FakeCalls) -
     assert await status({"workflow": "i2v", "outputs": []}) == JobStatus(
         "COMPLETED", output={"workflow": "i2v", "outputs": []})
     assert await status({"error": {"type": "validation", "message": "prompt: required"}}) == JobStatus(
-        "FAILED", error={"type": "validation", "message": "prompt: required"})
+        "FAILED", error='{"type": "validation", "message": "prompt: required"}')
     assert await status(TimeoutError()) == JobStatus("IN_QUEUE")
     running = calls.add(FakeCall(TimeoutError()))
     progress.put(running.object_id, {"seq": 4, "stage": "running", "percent": 30.0})
@@ -154,10 +154,12 @@ async def test_modal_jobs_map_call_states_to_runpod_statuses(calls: FakeCalls) -
     assert await status(modal.exception.OutputExpiredError()) is None
     assert await jobs.status("fc-unknown") is None
     timed_out = await status(modal.exception.FunctionTimeoutError("timed out"))
-    assert timed_out is not None and timed_out.status == "TIMED_OUT" and timed_out.error["type"] == "timeout"
+    assert timed_out is not None and timed_out.status == "TIMED_OUT"
+    assert json.loads(timed_out.error)["type"] == "timeout"
     crashed = calls.add(FakeCall(modal.exception.RemoteError("container exited")))
     failed = await jobs.status(crashed.object_id)
-    assert failed is not None and failed.status == "FAILED" and "container exited" in failed.error["message"]
+    assert failed is not None and failed.status == "FAILED"
+    assert "container exited" in json.loads(failed.error)["message"]
 
     # Modal reports a cancelled call as failed; the mark /cancel leaves tells them apart.
     assert await jobs.cancel(crashed.object_id) == JobStatus("CANCELLED")

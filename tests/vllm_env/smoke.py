@@ -22,8 +22,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 JSON = dict[str, Any]
 
@@ -185,7 +186,7 @@ def main() -> int:
             assert c["finish_reason"] == "length", c
             assert r["usage"]["completion_tokens"] == 24, r["usage"]
             state["text"] = c["message"]["content"]
-            code2, r2 = request(chat, base_req)
+            _code2, r2 = request(chat, base_req)
             assert r2["choices"][0]["message"]["content"] == state["text"], "not deterministic"
             return repr(state["text"])
 

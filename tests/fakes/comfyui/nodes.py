@@ -250,7 +250,7 @@ def _with_frames(ex: BaseException, frames: list[str]) -> BaseException:
 _EDGE = 3
 
 
-def _pixel_values(images: ImageList) -> Callable[[int, int, int, int], float]:
+def _pixel_values(images: ImageList) -> Callable[..., float]:
     data = [img.convert("RGB").tobytes() for img in images]
     sizes = [img.size for img in images]
 
@@ -630,6 +630,8 @@ class _Run:
 
 
 class PromptExecutor:
+    """Runs one prompt at a time on the execution thread; its caches outlive the prompt."""
+
     def __init__(self, host: Host, schemas: Schemas, paths: Paths) -> None:
         self.host = host
         self.schemas = schemas
@@ -670,8 +672,8 @@ class PromptExecutor:
             for key in [k for k in cache if k not in used]:
                 del cache[key]
         live_objects = {(nid, node.get("class_type")) for nid, node in prompt.items()}
-        for key in [k for k in self.objects if k not in live_objects]:
-            del self.objects[key]
+        for stale in [k for k in self.objects if k not in live_objects]:
+            del self.objects[stale]
 
         cached = {nid: self.outputs_cache[sig] for nid, sig in signatures.items() if sig in self.outputs_cache}
         self._add_message("execution_cached", {"nodes": list(cached), "prompt_id": prompt_id}, broadcast=False)
@@ -690,12 +692,13 @@ class PromptExecutor:
         while not run.execution_list.is_empty():
             try:
                 node_id = run.execution_list.stage()
-            except DependencyCycleError as ex:
+            except DependencyCycleError as cycle:
                 node_id = next(iter(run.execution_list.pending))
                 self._handle_error(run, current_outputs, {
                     "node_id": node_id, "exception_message": "Dependency cycle detected",
                     "exception_type": full_type_name(DependencyCycleError), "traceback": [], "current_inputs": [],
-                }, ex)
+                }, cycle)
+                self.success = False
                 failed = True
                 break
             result, error, ex = self._execute_node(run, node_id)
@@ -1230,13 +1233,15 @@ def _encode_video(path: Path, frames: ImageList, fps: float, codec: str, pix_fmt
                   options: dict[str, str] | None = None, container_options: dict[str, str] | None = None) -> None:
     with av.open(str(path), mode="w", options=container_options or {}) as output:
         stream = output.add_stream(codec, rate=Fraction(round(fps * 1000), 1000))
+        assert isinstance(stream, av.VideoStream)
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = pix_fmt
         if options:
             stream.bit_rate = 0
-            stream.options = options
+            stream_options: dict[str, object] = dict(options)
+            stream.options = stream_options
         for image in frames:
-            frame = av.VideoFrame.from_image(image.convert("RGB")).reformat(format=pix_fmt)
+            frame = av.VideoFrame.from_image(image.convert("RGB")).reformat(format=pix_fmt)  # type: ignore[no-untyped-call]
             for packet in stream.encode(frame):
                 output.mux(packet)
         for packet in stream.encode(None):
@@ -1442,7 +1447,7 @@ def wan_image_to_video_generic(ctx: NodeContext, **inputs: Any) -> NodeResult:
     length = int(inputs.get("length") or inputs.get("num_frames") or 81)
     latent = _latent(width, height, int(inputs.get("batch_size") or 1), (length - 1) // 4 + 1, 4)
     conditionings = [inputs.get("positive"), inputs.get("negative")]
-    outs = []
+    outs: list[Any] = []
     for kind in ctx.schemas.return_types(ctx.class_type):
         if kind == "LATENT":
             outs.append(latent)

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import functools
 import heapq
 import ipaddress
 import json
@@ -207,6 +208,10 @@ class PromptQueue:
             return flags
 
 
+def _has_prompt_id(prompt_id: Any, item: tuple[Any, ...]) -> bool:
+    return bool(item[1] == prompt_id)
+
+
 def is_loopback(host: str | None) -> bool:
     if host is None:
         return False
@@ -286,6 +291,14 @@ class FakeComfyUI:
         self._worker_unhang = threading.Event()
         self._worker_unhang.set()
         self._garbage = False
+        self._background: set[asyncio.Future[Any]] = set()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
+        # asyncio keeps only weak references to tasks: hold them until they finish.
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # -- messages (PromptServer.send_sync and the publishing loop) -------------------------------
 
@@ -315,12 +328,12 @@ class FakeComfyUI:
         message = {"type": event, "data": data}
         targets = list(self.sockets.values()) if sid is None else [self.sockets[sid]] if sid in self.sockets else []
         for ws in targets:
-            await self._safe_send(ws, lambda ws=ws: ws.send_json(message))  # type: ignore[misc]
+            await self._safe_send(ws, functools.partial(ws.send_json, message))
 
     async def _send_bytes(self, payload: bytes, sid: str | None) -> None:
         targets = list(self.sockets.values()) if sid is None else [self.sockets[sid]] if sid in self.sockets else []
         for ws in targets:
-            await self._safe_send(ws, lambda ws=ws: ws.send_bytes(payload))  # type: ignore[misc]
+            await self._safe_send(ws, functools.partial(ws.send_bytes, payload))
 
     async def publish_loop(self) -> None:
         assert self.messages is not None
@@ -380,12 +393,12 @@ class FakeComfyUI:
                 self._run_in_order(self._die, wait=True)
                 threading.Event().wait()
             elif fault.kind == "drop_ws":
-                self._run_in_order(lambda f=fault: self._drop_sockets(bool(f.when.get("graceful"))), wait=True)
+                self._run_in_order(functools.partial(self._drop_sockets, bool(fault.when.get("graceful"))), wait=True)
             elif fault.kind == "hang":
-                self._run_in_order(lambda f=fault: self._start_state("hang", f.duration_s), wait=True)
+                self._run_in_order(functools.partial(self._start_state, "hang", fault.duration_s), wait=True)
                 self._worker_unhang.wait()
             else:
-                self._run_in_order(lambda f=fault: self._start_state(f.kind, f.duration_s), wait=True)
+                self._run_in_order(functools.partial(self._start_state, fault.kind, fault.duration_s), wait=True)
 
     # -- fault effects (on the loop) ------------------------------------------------------------
 
@@ -399,8 +412,8 @@ class FakeComfyUI:
         closing = []
         for ws, (request, _) in connections:
             if graceful:
-                closing.append(asyncio.ensure_future(
-                    ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"fake fault: drop_ws")))
+                closing.append(self._spawn(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY,
+                                                    message=b"fake fault: drop_ws")))
             elif request.transport is not None:
                 request.transport.abort()
         # Wait for the handlers' cleanup, so a quick reconnect is not unregistered by the old one.
@@ -423,7 +436,7 @@ class FakeComfyUI:
         elif kind == "refuse":
             await self.stop_listening()
             if duration_s:
-                self.loop.call_later(duration_s, lambda: asyncio.ensure_future(self.start_listening()))
+                self.loop.call_later(duration_s, lambda: self._spawn(self.start_listening()))
 
     def _set_hang(self, on: bool) -> None:
         assert self._unhang is not None
@@ -762,7 +775,7 @@ class FakeComfyUI:
     async def get_object_info_node(self, request: web.Request) -> web.StreamResponse:
         node_class = request.match_info.get("node_class")
         out = {}
-        if node_class in self.schemas:
+        if node_class is not None and node_class in self.schemas:
             out[node_class] = self.schemas.info(node_class)
         return web.json_response(out)
 
@@ -826,7 +839,7 @@ class FakeComfyUI:
             self.prompt_queue.wipe_queue()
         if "delete" in json_data:
             for id_to_delete in json_data["delete"]:
-                self.prompt_queue.delete_queue_item(lambda a, i=id_to_delete: a[1] == i)
+                self.prompt_queue.delete_queue_item(functools.partial(_has_prompt_id, id_to_delete))
         return web.Response(status=200)
 
     async def post_interrupt(self, request: web.Request) -> web.StreamResponse:
@@ -910,10 +923,10 @@ class FakeComfyUI:
                 self.loop.call_later(0.05, lambda: self._enqueue(("call", self._die, None)))
             elif fault.kind == "drop_ws":
                 graceful = bool(fault.when.get("graceful"))
-                self.loop.call_later(0.01, lambda: asyncio.ensure_future(self._drop_sockets(graceful)))
+                self.loop.call_later(0.01, lambda: self._spawn(self._drop_sockets(graceful)))
             elif fault.kind == "refuse":
                 duration = fault.duration_s
-                self.loop.call_later(0.05, lambda: asyncio.ensure_future(self._start_state("refuse", duration)))
+                self.loop.call_later(0.05, lambda: self._spawn(self._start_state("refuse", duration)))
             else:
                 await self._start_state(fault.kind, fault.duration_s)
         return web.json_response({"armed": fault.as_dict()})
@@ -960,7 +973,7 @@ async def serve(server: FakeComfyUI, host: str, port: int) -> None:
     print("Starting server\n", flush=True)
     print(f"To see the GUI go to: http://{shown}:{server.port}", flush=True)
     threading.Thread(target=server.prompt_worker, name="prompt_worker", daemon=True).start()
-    publisher = asyncio.ensure_future(server.publish_loop())
+    publisher = server._spawn(server.publish_loop())
     try:
         await asyncio.Event().wait()
     finally:

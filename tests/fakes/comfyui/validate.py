@@ -502,8 +502,8 @@ class _Validator:
                     })
                     continue
                 try:
-                    result = self.validate_inputs(o_id)
-                    if result[0] is False:
+                    linked_result = self.validate_inputs(o_id)
+                    if linked_result[0] is False:
                         valid = False
                         continue
                 except Exception as ex:

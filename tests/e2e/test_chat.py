@@ -1,0 +1,328 @@
+"""Chat against a real vLLM (CPU build, tiny random-weight model: tests/vllm_env/).
+
+One worker for the module: `python handler.py --rp_serve_api` with DIFFBOX_BACKENDS=vllm,
+which starts vLLM itself from DIFFBOX_VLLM_COMMAND, as on RunPod (about 35 s). Chunk-level
+checks use a `Service` in this process attached to that same vLLM by URL. Random weights
+write gibberish (U+FFFD, control characters): texts are compared with each other, never
+with readable expectations. The test that kills vLLM runs last: it costs a second start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from diffbox.config import Settings
+from diffbox.service import Service
+from tests.conftest import TEST_INPUT, ComfyTarget, RunpodApi, free_port, start_runpod_api
+
+CACHE = Path(os.environ.get("DIFFBOX_TEST_CACHE") or Path.home() / ".cache" / "diffbox-test")
+PYTHON, MODEL = CACHE / "vllm-venv" / "bin" / "python", CACHE / "tiny-llama"
+# Two vLLM starts (the second after the kill) on a busy 2-core machine take minutes.
+pytestmark = pytest.mark.timeout(400)
+
+MESSAGES = [{"role": "user", "content": "Describe the picture."}]
+GREEDY = {"temperature": 0, "seed": 7}
+PLAIN = {"workflow": "chat", "messages": MESSAGES, "max_tokens": 24, **GREEDY}
+LONG = {"workflow": "chat", "prompt": "Tell a long story.", "max_tokens": 240, **GREEDY}
+
+
+@dataclass
+class ChatWorker:
+    api: RunpodApi
+    vllm_url: str
+    vllm_port: int
+
+    def chunks(self, job_input: dict[str, Any]) -> list[Any]:
+        """What /runsync returns for a generator handler: the list of its chunks."""
+        body = self.api.runsync(job_input)
+        assert body["status"] == "COMPLETED", body
+        assert isinstance(body["output"], list)
+        return body["output"]
+
+    def result(self, job_input: dict[str, Any]) -> dict[str, Any]:
+        [result] = self.chunks(job_input)
+        assert "error" not in result, result
+        return dict(result)
+
+    def error(self, job_input: dict[str, Any]) -> dict[str, Any]:
+        chunks = self.chunks(job_input)
+        assert "error" in chunks[-1], chunks
+        # The SDK reports an error chunk as a string; the handler makes it the error's JSON.
+        return dict(json.loads(chunks[-1]["error"]))
+
+    def metric(self, name: str, **labels: str) -> float:
+        total = 0.0
+        for line in requests.get(f"{self.vllm_url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def vllm_group(port: int) -> tuple[int | None, list[int]]:
+    """The vLLM server listening on `port` (the leader) and every process of its group."""
+    leader = None
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in argv and str(port).encode() in argv:
+            leader = int(entry.name)
+    if leader is None:
+        return None, []
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == leader:
+            members.append(int(entry.name))
+    return leader, members
+
+
+@pytest.fixture(scope="module")
+def chat_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatWorker]:
+    if not PYTHON.exists() or not (MODEL / "config.json").exists():
+        pytest.skip(f"the test vLLM is not prepared in {CACHE}: run `bash tests/vllm_env/setup.sh` (make test does)")
+    tmp = tmp_path_factory.mktemp("chat")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFBOX_", "RUNPOD_", "BUCKET_"))}
+    env.update(
+        DIFFBOX_BACKENDS="vllm",
+        DIFFBOX_VLLM_COMMAND=f"{PYTHON} -m vllm.entrypoints.openai.api_server",
+        DIFFBOX_VLLM_MODEL=str(MODEL),
+        DIFFBOX_VLLM_ARGS="--dtype bfloat16 --max-model-len 256 --enforce-eager",
+        DIFFBOX_VLLM_PORT=str(port),
+        DIFFBOX_STARTUP_TIMEOUT_S="300",
+        DIFFBOX_WORK_DIR=str(tmp / "work"),
+        DIFFBOX_LOG_LEVEL="INFO",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    api = start_runpod_api(env, tmp / "handler.log")
+    api.timeout_s = 360
+    worker = ChatWorker(api, f"http://127.0.0.1:{port}", port)
+    try:
+        worker.result({**PLAIN, "max_tokens": 1})  # waits for the worker's vLLM to be ready
+        yield worker
+    finally:
+        api.stop()
+        # The worker stops vLLM when it exits; this only guards the machine should it not.
+        leader, members = vllm_group(port)
+        for pid in members:
+            os.kill(pid, signal.SIGKILL)
+        assert leader is None, f"vLLM outlived the worker:\n{api.logs()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def attached(chat_worker: ChatWorker) -> Service:
+    return Service(Settings(backends=["vllm"], vllm_url=chat_worker.vllm_url, startup_timeout_s=60))
+
+
+async def _collect(service: Service, job_id: str, payload: dict[str, Any],
+                   stop: threading.Event | None = None) -> list[Any]:
+    return [chunk async for chunk in service.stream(job_id, payload, stop=stop)]
+
+
+def test_plain_chat(chat_worker: ChatWorker) -> None:
+    result = chat_worker.result(PLAIN)
+    assert set(result) == {"text", "finish_reason", "usage"}
+    assert isinstance(result["text"], str) and result["text"]
+    # The tiny model never emits EOS: max_tokens ends every answer.
+    assert result["finish_reason"] == "length"
+    assert result["usage"]["completion_tokens"] == 24 and result["usage"]["prompt_tokens"] > 0
+    assert chat_worker.result({**PLAIN, "max_tokens": 5})["usage"]["completion_tokens"] == 5
+    assert chat_worker.result(PLAIN) == result  # greedy: the same text every time
+
+
+async def test_streamed_chunks_join_to_the_plain_text(chat_worker: ChatWorker, attached: Service) -> None:
+    plain = chat_worker.result(PLAIN)
+    streamed = {**PLAIN, "stream": True}
+    for chunks in (chat_worker.chunks(streamed), await _collect(attached, "s", streamed)):
+        *deltas, last = chunks
+        assert len(deltas) > 5 and all(set(c) == {"delta"} and c["delta"] for c in deltas)
+        assert "".join(c["delta"] for c in chunks) == plain["text"]
+        assert last == {"delta": "", "finish_reason": "length", "usage": plain["usage"]}
+    # A caller taking one result (Modal's run, the HTTP API) gets the plain result.
+    assert await attached.run("r", {**PLAIN, "stream": True}) == plain
+
+
+def test_stop_strings_end_the_text(chat_worker: ChatWorker) -> None:
+    text = chat_worker.result(PLAIN)["text"]
+    middle = len(text) // 2
+    stop = text[middle:middle + 3]
+    result = chat_worker.result({**PLAIN, "stop": [stop]})
+    assert result["finish_reason"] == "stop"
+    assert result["text"] == text[:text.index(stop)]
+    streamed = chat_worker.chunks({**PLAIN, "stop": stop, "stream": True})
+    assert "".join(c["delta"] for c in streamed) == result["text"] and streamed[-1]["finish_reason"] == "stop"
+
+
+def test_presets_reach_the_model(chat_worker: ChatWorker) -> None:
+    # One token: with a preset's system prompt, the tiny model's 256-token context is nearly full.
+    plain = chat_worker.result({**PLAIN, "max_tokens": 1})
+    for preset in ("i2v_prompt", "edit_prompt"):
+        with_preset = chat_worker.result({**PLAIN, "max_tokens": 1, "preset": preset})
+        # The system prompt goes through the model's own chat template: many more prompt tokens.
+        assert with_preset["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 100
+
+
+def test_official_vllm_worker_inputs(chat_worker: ChatWorker) -> None:
+    ours = chat_worker.result({**PLAIN, "max_tokens": 6})
+    sampling = {"max_tokens": 6, **GREEDY}
+    [answer] = chat_worker.chunks({"messages": MESSAGES, "sampling_params": sampling})
+    assert answer == {"choices": [{"tokens": [ours["text"]]}],
+                      "usage": {"input": ours["usage"]["prompt_tokens"], "output": 6}}
+    streamed = chat_worker.chunks({"messages": MESSAGES, "sampling_params": sampling, "stream": True})
+    assert "".join(t for c in streamed for t in c["choices"][0]["tokens"]) == ours["text"]
+    assert streamed[-1]["usage"] == {"input": ours["usage"]["prompt_tokens"], "output": 6}
+    # A bare prompt is continued as text (no chat template): fewer prompt tokens than as a message.
+    [continued] = chat_worker.chunks({"prompt": "Describe the picture.", "sampling_params": sampling})
+    assert continued["usage"]["output"] == 6 and continued["usage"]["input"] < ours["usage"]["prompt_tokens"]
+    [default] = chat_worker.chunks({"messages": MESSAGES})
+    assert default["usage"]["output"] == 16  # vLLM's default max_tokens, as in the official worker
+
+
+def test_openai_routes_pass_through(chat_worker: ChatWorker) -> None:
+    [models] = chat_worker.chunks({"openai_route": "/v1/models"})
+    model = models["data"][0]["id"]
+    assert models["object"] == "list" and model == str(MODEL)
+    ours = chat_worker.result(PLAIN)
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 24, **GREEDY}
+    [completion] = chat_worker.chunks({"openai_route": "/v1/chat/completions", "openai_input": body})
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["content"] == ours["text"]
+    events = chat_worker.chunks({"openai_route": "/v1/chat/completions", "openai_input": {**body, "stream": True}})
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events) and events[-1] == "data: [DONE]\n\n"
+    deltas = [json.loads(e[6:])["choices"] for e in events[:-1]]
+    assert "".join(c[0]["delta"].get("content") or "" for c in deltas if c) == ours["text"]
+    [text] = chat_worker.chunks({"openai_route": "/v1/completions", "openai_input": {"prompt": "Hi", "max_tokens": 3}})
+    assert text["object"] == "text_completion"  # the model is filled in when the caller leaves it out
+
+
+async def test_bad_messages_are_refused_before_vllm_is_called(chat_worker: ChatWorker) -> None:
+    before = chat_worker.metric("vllm:request_success_total")
+    error = chat_worker.error({"workflow": "chat", "messages": [*MESSAGES, {"role": "wizard", "content": "x"}]})
+    assert error["type"] == "validation"
+    assert error["message"] == "messages.1.role: Input should be 'system', 'user' or 'assistant'"
+    assert chat_worker.error({"messages": [{"role": "user"}]})["message"] == "messages.0.content: Field required"
+    assert chat_worker.metric("vllm:request_success_total") == before
+    # Refused before even waiting for vLLM: a worker whose vLLM never answers refuses at once.
+    silent = Service(Settings(backends=["vllm"], vllm_url=f"http://127.0.0.1:{free_port()}", startup_timeout_s=1))
+    t0 = time.monotonic()
+    refused = await silent.run("bad", {"workflow": "chat", "messages": [{"role": "wizard", "content": "x"}]})
+    assert refused["error"]["type"] == "validation" and time.monotonic() - t0 < 0.5
+    assert (await silent.run("good", PLAIN))["error"]["type"] == "timeout"
+    # vLLM's own refusals name the field too.
+    error = chat_worker.error({**PLAIN, "max_tokens": 300})  # more than --max-model-len 256
+    assert error["type"] == "validation" and error["message"].startswith("max_tokens: ")
+
+
+async def _aborted_after(worker: ChatWorker, before: float) -> bool:
+    for _ in range(100):
+        if worker.metric("vllm:request_success_total", finished_reason="abort") > before:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_cancelling_a_stream_stops_generation(chat_worker: ChatWorker, attached: Service) -> None:
+    plain = chat_worker.result(PLAIN)
+    # The platform cancels the job's task (RunPod's cancel, a timeout).
+    aborted = chat_worker.metric("vllm:request_success_total", finished_reason="abort")
+    got: list[Any] = []
+    three = asyncio.Event()
+
+    async def consume() -> None:
+        async for chunk in attached.stream("cancel", {**LONG, "stream": True}):
+            got.append(chunk)
+            if len(got) == 3:
+                three.set()
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.wait_for(three.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await _aborted_after(chat_worker, aborted), "vLLM went on generating for a cancelled job"
+    assert len(got) < 100
+    # A platform that cannot cancel the task sets `stop` (Modal's inputs): the job ends cancelled.
+    aborted = chat_worker.metric("vllm:request_success_total", finished_reason="abort")
+    stop = threading.Event()
+    chunks: list[Any] = []
+    async for chunk in attached.stream("stop", {**LONG, "stream": True}, stop=stop):
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            stop.set()
+    assert chunks[-1]["error"]["type"] == "cancelled" and len(chunks) < 100
+    assert await _aborted_after(chat_worker, aborted)
+    # vLLM serves the next request as before.
+    assert chat_worker.result(PLAIN) == plain
+
+
+async def test_concurrent_chats_are_served_together(attached: Service) -> None:
+    stamps: dict[int, list[float]] = {}
+
+    async def one(k: int) -> list[Any]:
+        chunks = []
+        async for chunk in attached.stream(f"c{k}", {**LONG, "max_tokens": 120, "seed": k, "stream": True}):
+            stamps.setdefault(k, []).append(time.monotonic())
+            chunks.append(chunk)
+        return chunks
+
+    answers = await asyncio.gather(*(one(k) for k in range(3)))
+    assert all(a[-1]["usage"]["completion_tokens"] == 120 for a in answers)
+    # Each job's first chunk came before any job's last: vLLM batched them.
+    assert max(s[0] for s in stamps.values()) < min(s[-1] for s in stamps.values())
+
+
+async def test_a_comfyui_job_on_a_generator_endpoint_is_one_chunk(comfyui: ComfyTarget, chat_worker: ChatWorker,
+                                                                  tmp_path: Path) -> None:
+    both = Service(Settings(backends=["comfyui", "vllm"], comfyui_url=comfyui.url, comfyui_dir=comfyui.base_dir,
+                            vllm_url=chat_worker.vllm_url, work_dir=tmp_path, startup_timeout_s=60))
+    [result] = await _collect(both, "graph", TEST_INPUT["input"])
+    assert "error" not in result and len(result["images"]) == 2
+    [chat] = await _collect(both, "chat", PLAIN)
+    assert chat == chat_worker.result(PLAIN)
+    only_chat = Service(Settings(backends=["vllm"], vllm_url=chat_worker.vllm_url))
+    [refused] = await _collect(only_chat, "graph", TEST_INPUT["input"])
+    assert refused["error"]["type"] == "validation"
+
+
+def test_vllm_killed_mid_request_fails_the_job_and_the_next_starts_a_fresh_one(chat_worker: ChatWorker) -> None:
+    """Last in this module: the next job pays for a second vLLM start."""
+    leader, members = vllm_group(chat_worker.vllm_port)
+    assert leader is not None and len(members) > 1  # the server and its engine
+    answer: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: answer.update(chunks=chat_worker.chunks(LONG)))
+    job.start()
+    deadline = time.monotonic() + 60
+    while chat_worker.metric("vllm:num_requests_running") < 1:
+        assert time.monotonic() < deadline, "the job never reached vLLM"
+        time.sleep(0.01)
+    os.kill(leader, signal.SIGKILL)  # the API server only: its engine processes live on
+    job.join(120)
+    [chunk] = answer["chunks"]
+    error = json.loads(chunk["error"])
+    assert error["type"] == "backend"
+    assert error["message"] == "vllm exited with code -9 during the job"
+    assert error["details"]["exit_code"] == -9 and error["details"]["log_tail"]
+    # The next job starts a fresh vLLM, after the old one's engine processes are gone.
+    assert chat_worker.result({**PLAIN, "max_tokens": 3})["usage"]["completion_tokens"] == 3
+    new_leader, _ = vllm_group(chat_worker.vllm_port)
+    assert new_leader not in (None, leader)
+    assert not [pid for pid in members if Path(f"/proc/{pid}").exists()], "the old engine outlived the restart"
