@@ -37,16 +37,18 @@ def _reporter(job: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
     return report
 
 
-def _for_runpod(result: dict[str, Any]) -> dict[str, Any]:
+def _for_runpod(result: Any) -> Any:
     """The SDK reports a job's `error` as a string (its local API refuses anything else), so
-    the error object travels as JSON: `json.loads(body["error"])` gives it back."""
-    if isinstance(result.get("error"), dict):
+    the error object travels as JSON: `json.loads(body["error"])` gives it back. (A chunk may
+    be a string: the OpenAI passthrough streams server-sent events as text.)"""
+    if isinstance(result, dict) and isinstance(result.get("error"), dict):
         return {**result, "error": json.dumps(result["error"])}
     return result
 
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
-    return _for_runpod(await SERVICE.run(job["id"], job.get("input"), _reporter(job)))
+    result: dict[str, Any] = _for_runpod(await SERVICE.run(job["id"], job.get("input"), _reporter(job)))
+    return result
 
 
 async def stream_handler(job: dict[str, Any]) -> AsyncIterator[Any]:

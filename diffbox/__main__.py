@@ -2,6 +2,8 @@
 
     python -m diffbox schema [WORKFLOW]     JSON Schema of a job's input (or of one workflow's)
     python -m diffbox graph WORKFLOW JSON   the ComfyUI graph a request becomes, not run
+    python -m diffbox run WORKFLOW ...      run a job on an endpoint: live progress, outputs saved
+    python -m diffbox chat PROMPT ...       chat with an endpoint's model, the answer streamed
 
 Each subcommand is one entry of `COMMANDS`: its help, its arguments, and what it runs.
 """
@@ -18,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from .client import cli as client_cli
 from .errors import JobError
 from .media import InputImage, decode_image
 from .workflows import CHAT_DROP_IN, NAMED, RAW, parse
@@ -87,6 +90,9 @@ def _graph(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "schema": Command("print the JSON Schema of a job's input", _schema_arguments, _schema),
     "graph": Command("print the ComfyUI graph a request becomes, without running it", _graph_arguments, _graph),
+    "run": Command("run a job on an endpoint with live progress, and save its outputs",
+                   client_cli.run_arguments, client_cli.run),
+    "chat": Command("chat with an endpoint's model, the answer streamed", client_cli.chat_arguments, client_cli.chat),
 }
 
 

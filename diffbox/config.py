@@ -53,7 +53,7 @@ class S3Settings(BaseModel):
     retry_mode: Literal["standard", "adaptive"] = "standard"
     max_attempts: int = Field(default=3, ge=1, le=20)
     connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=30.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class Settings(BaseModel):

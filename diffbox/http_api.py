@@ -17,13 +17,12 @@ import json
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from .jobs import MemoryProgressStore, ProgressStore
 from .service import Service
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
@@ -64,6 +63,17 @@ class JobStatus:
         return body
 
 
+@dataclass
+class _LocalJob:
+    stop: threading.Event = field(default_factory=threading.Event)
+    progress: dict[str, Any] | None = None
+    task: asyncio.Task[dict[str, Any]] = field(init=False)
+
+    def report(self, update: dict[str, Any]) -> None:
+        # The service emits from one thread, in `seq` order: the last one is the latest.
+        self.progress = update
+
+
 class Jobs(Protocol):
     async def submit(self, payload: Any) -> str:
         """Queue one job; returns its id."""
@@ -80,47 +90,39 @@ class Jobs(Protocol):
 class LocalJobs:
     """Jobs run on `service` in this process's event loop; the latest `keep` are remembered."""
 
-    def __init__(self, service: Service, progress: ProgressStore | None = None, keep: int = 1000) -> None:
+    def __init__(self, service: Service, keep: int = 1000) -> None:
         self.service = service
-        self.progress = progress if progress is not None else MemoryProgressStore()
         self.keep = keep
-        self._jobs: OrderedDict[str, tuple[asyncio.Task[dict[str, Any]], threading.Event]] = OrderedDict()
+        self._jobs: OrderedDict[str, _LocalJob] = OrderedDict()
 
     async def submit(self, payload: Any) -> str:
         job_id = str(uuid.uuid4())
-        stop = threading.Event()
-
-        def emit(update: dict[str, Any]) -> None:
-            self.progress.put(job_id, update)
-
-        task = asyncio.create_task(self.service.run(job_id, payload, emit, stop))
-        self._jobs[job_id] = (task, stop)
+        job = self._jobs[job_id] = _LocalJob()
+        job.task = asyncio.create_task(self.service.run(job_id, payload, job.report, job.stop))
         self._forget_old()
         return job_id
 
     async def status(self, job_id: str, wait_s: float = 0.0) -> JobStatus | None:
         if (job := self._jobs.get(job_id)) is None:
             return None
-        task, stop = job
-        if wait_s > 0 and not task.done():
-            await asyncio.wait({task}, timeout=wait_s)
-        if not task.done():
-            return JobStatus.running(self.progress.get(job_id))
-        result = task.result()
-        if stop.is_set() and result.get("error", {}).get("type") == "cancelled":
+        if wait_s > 0 and not job.task.done():
+            await asyncio.wait({job.task}, timeout=wait_s)
+        if not job.task.done():
+            return JobStatus.running(job.progress)
+        result = job.task.result()
+        if job.stop.is_set() and result.get("error", {}).get("type") == "cancelled":
             return JobStatus("CANCELLED")
         return JobStatus.finished(result)
 
     async def cancel(self, job_id: str) -> JobStatus | None:
         if (job := self._jobs.get(job_id)) is None:
             return None
-        task, stop = job
-        if not task.done():
-            stop.set()
+        if not job.task.done():
+            job.stop.set()
         return await self.status(job_id)
 
     def _forget_old(self) -> None:
-        finished = [job_id for job_id, (task, _) in self._jobs.items() if task.done()]
+        finished = [job_id for job_id, job in self._jobs.items() if job.task.done()]
         for job_id in finished[: max(len(self._jobs) - self.keep, 0)]:
             del self._jobs[job_id]
 

@@ -38,7 +38,7 @@ class ProgressStore(Protocol):
 
 
 class MemoryProgressStore:
-    """A `ProgressStore` in this process's memory (tests, and the in-process HTTP API)."""
+    """A `ProgressStore` in this process's memory."""
 
     def __init__(self) -> None:
         self._data: dict[str, dict[str, Any]] = {}
@@ -51,10 +51,6 @@ class MemoryProgressStore:
     def get(self, key: str, default: None = None) -> dict[str, Any] | None:
         with self._lock:
             return self._data.get(key, default)
-
-    def pop(self, key: str) -> None:
-        with self._lock:
-            self._data.pop(key, None)
 
 
 class ProgressPublisher:

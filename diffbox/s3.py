@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # boto3 and botocore ship no type hints (boto3-stubs / botocore-stubs are not dependencies).
-import boto3  # type: ignore[import-untyped]
-from boto3.s3.transfer import TransferConfig, create_transfer_manager  # type: ignore[import-untyped]
-from botocore.config import Config  # type: ignore[import-untyped]
-from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from . import logs
 from .config import S3Settings

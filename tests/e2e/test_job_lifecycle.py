@@ -77,7 +77,7 @@ async def _next_job_succeeds(service: Service) -> None:
 async def test_progress_is_monotonic_and_reports_steps(comfy: ComfyTarget, tmp_path: Path) -> None:
     service = Service(_settings(comfy, tmp_path))
     updates: list[dict[str, Any]] = []
-    result = await service.run("progress", {"workflow": sampler_graph(40)}, updates.append)
+    result = await service.run("progress", {"workflow": sampler_graph(60)}, updates.append)
     assert "error" not in result, result
     assert isinstance(result["seed"], int) and result["seeds"] == {"5": result["seed"]}
     stages = [u["stage"] for u in updates]
@@ -85,7 +85,7 @@ async def test_progress_is_monotonic_and_reports_steps(comfy: ComfyTarget, tmp_p
     assert [u["seq"] for u in updates] == sorted(u["seq"] for u in updates)
     assert [u["percent"] for u in updates] == sorted(u["percent"] for u in updates)
     sampling = [u for u in updates if u.get("node") == "KSampler" and "step" in u]
-    assert sampling and all(u["steps"] == 40 for u in sampling)
+    assert sampling and all(u["steps"] == 60 for u in sampling)
     assert updates[-1]["percent"] >= 95
 
 
