@@ -30,9 +30,15 @@ from diffbox.runtime import service
 SERVICE = service()
 
 
+# Progress goes to RunPod's job-status API, which exists only where RunPod runs the worker:
+# in the SDK's local modes each update would be a failed POST to a placeholder URL.
+ON_RUNPOD = "RUNPOD_WEBHOOK_POST_OUTPUT" in os.environ
+
+
 def _reporter(job: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
     def report(payload: dict[str, Any]) -> None:
-        runpod.serverless.progress_update(job, payload)
+        if ON_RUNPOD:
+            runpod.serverless.progress_update(job, payload)
 
     return report
 

@@ -136,6 +136,10 @@ class _ChatJob:
                 yield shaper.whole(await response.json(content_type=None))
                 return
             async for data in sse_data(response.content.iter_any()):
+                # While vLLM's data is already buffered, reading never waits, and the watcher
+                # cannot run: look here too.
+                if self.stopped():
+                    raise JobError("cancelled", "job cancelled")
                 if (chunk := shaper.chunk(data)) is not None:
                     yield chunk
             if (last := shaper.end()) is not None:

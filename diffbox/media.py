@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .errors import validation
+from .errors import JobError, validation
 
 # 64 MP: far above any model's input, far below what would exhaust the worker's memory.
 MAX_PIXELS = 64_000_000
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
+_URL = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://", re.I)
 _FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
 Fetcher = Callable[[str, str, int], bytes]
@@ -44,7 +45,10 @@ def decode_image(
     """Turn one request image value into verified image bytes, or a validation error."""
     if not isinstance(value, str) or not value:
         raise validation(f"{field}: expected an image (data URI, base64, https:// or s3:// URL)")
-    if value.startswith(("https://", "http://", "s3://")):
+    if url := _URL.match(value):
+        # Any other scheme (file://, ftp://, gopher://...) could reach what https:// may not.
+        if url["scheme"].lower() not in ("https", "http", "s3"):
+            raise validation(f"{field}: {url['scheme']}:// URLs are not accepted (https:// or s3://)")
         if fetch is None:
             raise validation(f"{field}: URL inputs are not available on this worker")
         data = fetch(value, field, max_bytes)
@@ -65,13 +69,15 @@ def _decode_base64(value: str, field: str, max_bytes: int) -> bytes:
         payload = value[match.end() :]
     # base64 is 4 characters per 3 bytes: refuse by length before allocating the decoded copy.
     if len(payload) * 3 // 4 > max_bytes:
-        raise validation(
-            f"{field}: image is larger than the {max_bytes / 1e6:g} MB limit (DIFFBOX_MAX_INPUT_MB)"
-        )
+        raise too_large(field, max_bytes)
     try:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise validation(f"{field}: not valid base64") from None
+
+
+def too_large(field: str, max_bytes: int) -> JobError:
+    return validation(f"{field}: image is larger than the {max_bytes / 1e6:g} MB limit (DIFFBOX_MAX_INPUT_MB)")
 
 
 def verify_image(data: bytes, field: str) -> InputImage:

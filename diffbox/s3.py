@@ -22,6 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from . import logs
 from .config import S3Settings
 from .errors import JobError, validation
+from .media import too_large
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -101,7 +102,7 @@ class S3Store:
         try:
             head = self.client.head_object(Bucket=bucket, Key=key)
             if head["ContentLength"] > max_bytes:
-                raise _too_large(field, max_bytes)
+                raise too_large(field, max_bytes)
             body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
             try:
                 # Bounded even if the object grew between HEAD and GET.
@@ -118,7 +119,7 @@ class S3Store:
         except BotoCoreError as exc:
             raise self._unreachable(f"could not read {uri}", exc) from None
         if len(data) > max_bytes:
-            raise _too_large(field, max_bytes)
+            raise too_large(field, max_bytes)
         return data
 
     def _unreachable(self, what: str, exc: Exception) -> JobError:
@@ -136,7 +137,3 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, ClientError):
         return f"{_code(exc)} ({exc.operation_name})"
     return type(exc).__name__
-
-
-def _too_large(field: str, max_bytes: int) -> JobError:
-    return validation(f"{field}: image is larger than the {max_bytes / 1e6:g} MB limit (DIFFBOX_MAX_INPUT_MB)")

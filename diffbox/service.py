@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from . import chat, logs, warmup
+from . import chat, logs, urls, warmup
 from .backends.comfyui import FileRef, output_files
 from .backends.comfyui_job import Outcome, PromptRun
 from .backends.comfyui_server import ComfyServer
@@ -49,6 +49,7 @@ class Service:
         self.comfy = ComfyServer(settings) if "comfyui" in settings.backends else None
         self.vllm = VllmServer(settings) if "vllm" in settings.backends else None
         self.s3 = S3Store(settings.s3) if settings.s3 is not None else None
+        self.url_policy = urls.UrlPolicy(allow_private=settings.allow_private_urls)
         self._warmup_timings: dict[str, float] = {}
 
     def start(self) -> None:
@@ -170,7 +171,7 @@ class _Job:
 
     def _fetch(self, url: str, field: str, max_bytes: int) -> bytes:
         if not url.startswith("s3://"):
-            raise validation(f"{field}: URL inputs are not available on this worker")
+            return urls.fetch(url, field, max_bytes, self.service.url_policy, self.stop.is_set)
         if self.service.s3 is None:
             raise validation(f"{field}: s3:// inputs need S3 storage, which this endpoint does not configure")
         return self.service.s3.fetch(url, field, max_bytes)

@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from tests.s3 import S3Server, start_moto
+from tests.urlserver import NetGuard
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_INPUT = json.loads((REPO / "test_input.json").read_text())
@@ -157,3 +158,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """moto's S3 server on loopback, in its own process, for the whole session."""
     with start_moto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
         yield server
+
+
+@pytest.fixture
+def net_guard(monkeypatch: pytest.MonkeyPatch) -> NetGuard:
+    """Every connection urllib3 makes in this process goes through a NetGuard: loopback only,
+    made-up public addresses routed to loopback servers, each attempt recorded."""
+    import urllib3.util.connection
+
+    guard = NetGuard(urllib3.util.connection.create_connection)
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", guard.connect)
+    return guard

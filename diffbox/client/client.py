@@ -53,7 +53,8 @@ class Client:
             payload = request.model_dump(mode="json", exclude_unset=True)
         else:
             payload = dict(request)
-        payload = attach_local_files(payload, self.uploader)
+        # Through a lambda: the uploader (an S3 client, perhaps) is made only for a local file.
+        payload = attach_local_files(payload, lambda path: self.uploader(path))
         try:
             parse(payload)
         except JobError as err:

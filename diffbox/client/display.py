@@ -47,7 +47,7 @@ class RunDisplay:
             try:
                 yield
                 if job.status == "COMPLETED":
-                    bar.update(self._task, completed=100, stage="done", eta="")
+                    bar.update(self._task, completed=100, stage="done", detail="", eta="")
             finally:
                 self._bar = self._task = None
 

@@ -80,6 +80,10 @@ class Job:
                     raise JobFailed.from_error(chunk["error"], self.id)
                 chunks.append(chunk)
                 yield chunk
+            if status == "COMPLETED" and not chunks:
+                # Nothing streamed (a plain handler's job): the result is on /status.
+                yield self.result(_remaining(deadline))
+                return
             if status in FINAL_STATUSES:
                 # The local server forgets a job once streamed: keep what came for result().
                 self._absorb({**envelope, "output": chunks} if status == "COMPLETED" else envelope)
