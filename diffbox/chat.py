@@ -77,7 +77,7 @@ class _ChatJob:
         self.settings = settings
         self.server = server
         self.stop = stop
-        self.response: aiohttp.ClientResponse | None = None
+        self.session: aiohttp.ClientSession | None = None
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -127,31 +127,32 @@ class _ChatJob:
         # A session per job: jobs may run on different event loops (Modal runs each in its own),
         # and a loopback connection costs well under a millisecond.
         timeout = aiohttp.ClientTimeout(total=self.settings.job_timeout_s, sock_connect=10)
-        async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.request(call.method, server.url + call.route, json=body) as response:
-            self.response = response
+        async with aiohttp.ClientSession(timeout=timeout) as self.session, \
+                self.session.request(call.method, server.url + call.route, json=body) as response:
             if response.status >= 400:
                 raise _refused(response.status, *await error_of(response))
             if not call.stream:
                 yield shaper.whole(await response.json(content_type=None))
                 return
             async for data in sse_data(response.content.iter_any()):
-                # While vLLM's data is already buffered, reading never waits, and the watcher
-                # cannot run: look here too.
                 if self.stopped():
                     raise JobError("cancelled", "job cancelled")
                 if (chunk := shaper.chunk(data)) is not None:
                     yield chunk
+                # Reading data already buffered never waits: without this, a fast stream would
+                # hold the event loop (other jobs' chunks, cancellation) until vLLM paused.
+                await asyncio.sleep(0)
             if (last := shaper.end()) is not None:
                 yield last
 
     async def _watch(self) -> None:
-        """Close the request when the caller sets `stop`: vLLM then stops generating."""
+        """Close the request when the caller sets `stop`: vLLM then stops generating. The
+        session, not the response: a whole answer's response only comes when it is done."""
         assert self.stop is not None
         while not self.stop.is_set():
             await asyncio.sleep(STOP_POLL_S)
-        if self.response is not None:
-            self.response.close()
+        if self.session is not None:
+            await self.session.close()
 
     async def _lost(self, server: VllmServer, exc: Exception) -> NoReturn:
         process = server.supervisor.process

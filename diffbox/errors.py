@@ -25,6 +25,18 @@ class JobError(Exception):
         return {"error": error}
 
 
+def clip(value: Any, limit: int = 80) -> str:
+    """A caller's value as an error message quotes it: repr'd and cut to `limit` characters, so
+    a megabyte-long name never becomes a megabyte-long error (errors are logged and returned)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def key_name(key: str, limit: int = 100) -> str:
+    """A caller's key (field, node id) as a message names it: as is when short and printable."""
+    return key if len(key) <= limit and key.isprintable() else clip(key, limit)
+
+
 def validation(message: str, details: Any = None) -> JobError:
     return JobError("validation", message, details)
 

@@ -17,7 +17,7 @@ from typing import Any
 _CONFIGURED = False
 
 
-class _JsonFormatter(logging.Formatter):
+class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": round(record.created, 3),
@@ -38,7 +38,7 @@ def setup(level: str | None = None) -> None:
     if _CONFIGURED:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
+    handler.setFormatter(JsonFormatter())
     root = logging.getLogger("diffbox")
     root.addHandler(handler)
     root.setLevel((level or os.environ.get("DIFFBOX_LOG_LEVEL", "INFO")).upper())

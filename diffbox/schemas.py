@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import key_name
+
 
 class Strict(BaseModel):
     """Unknown fields are refused: they are usually typos a caller wants to hear about."""
@@ -65,16 +67,22 @@ class Progress(BaseModel):
     eta_s: float | None = None
 
 
+MAX_DETAILS = 20
+
+
 def describe_validation_error(exc: ValidationError, root: str = "") -> tuple[str, list[dict[str, Any]]]:
     """A one-line message naming each bad field, and the per-field details."""
     details = []
-    for err in exc.errors():
+    errors = exc.errors()
+    # Every unknown key is an error: a payload with a million of them must not echo them all.
+    for err in errors[:MAX_DETAILS]:
         loc = ".".join(str(part) for part in ((root,) if root else ()) + tuple(err["loc"]))
+        loc = key_name(loc)
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         details.append({"field": loc or "input", "message": message})
     summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
-    if len(details) > 5:
-        summary += f"; and {len(details) - 5} more"
+    if len(errors) > 5:
+        summary += f"; and {len(errors) - 5} more"
     return summary, details

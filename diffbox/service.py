@@ -20,9 +20,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from . import chat, logs, urls, warmup
 from .backends.comfyui import FileRef, output_files
-from .backends.comfyui_job import Outcome, PromptRun
+from .backends.comfyui_job import Outcome, PromptRun, lost
 from .backends.comfyui_server import ComfyServer
 from .backends.vllm import VllmServer
 from .config import Settings
@@ -133,11 +135,11 @@ class _Job:
         self.progress = ProgressTracker(emit)
         self.workflow_name = "unknown"
         self.dir = self.settings.work_dir / self.ctx.job_id
-        self.prompt_id: str | None = None
         self.timings: dict[str, float] = {}
         self.options: OutputOptions | None = None
         self.plan: Plan | None = None
         self.uploads: OutputUploads | None = None
+        self.prompt_run: PromptRun | None = None
 
     def run(self, payload: Any) -> dict[str, Any]:
         workflow, request = parse(payload)
@@ -159,8 +161,12 @@ class _Job:
         self.timings["inputs_s"] = logs.since(self.t0)
         self.progress.stage("starting")
         comfy.supervisor.ensure_ready(self.settings.startup_timeout_s, self.stop.is_set)
-        for upload in plan.uploads:
-            comfy.client.upload_image(upload.name, upload.data, self.ctx.subfolder)
+        comfy.reap()  # before queuing: our prompt must not wait behind an earlier job's
+        try:
+            for upload in plan.uploads:
+                comfy.client.upload_image(upload.name, upload.data, self.ctx.subfolder)
+        except (requests.RequestException, ValueError) as exc:
+            lost(comfy.supervisor, exc)
         self.progress.set_graph(plan.graph, plan.node_clip, plan.clips)
         self.progress.stage("queued")
         outcome = self._execute(comfy, plan)
@@ -178,10 +184,9 @@ class _Job:
 
     def _execute(self, comfy: ComfyServer, plan: Plan) -> Outcome:
         submitted = time.monotonic()
-        run = PromptRun(comfy.client, comfy.supervisor, self.stop, self.deadline,
-                        self.progress.on_message, self._on_output)
+        run = self.prompt_run = PromptRun(comfy.client, comfy.supervisor, self.stop, self.deadline,
+                                          self.progress.on_message, self._on_output)
         outcome = run.run(plan.graph)
-        self.prompt_id = outcome.prompt_id
         ended = time.monotonic()
         started = outcome.started_at or ended
         self.timings["queue_s"] = round(started - submitted, 3)
@@ -229,7 +234,10 @@ class _Job:
             # Not on this disk: a download, named uniquely within the job's folder.
             dest = self.dir / uuid.uuid4().hex[:8] / Path(ref.filename).name
             dest.parent.mkdir(parents=True, exist_ok=True)
-            path = comfy.client.download(ref, dest)
+            try:
+                path = comfy.client.download(ref, dest)
+            except requests.RequestException as exc:
+                lost(comfy.supervisor, exc)
         return path
 
     def _result(self, workflow: Workflow, request: Any, plan: Plan, outcome: Outcome) -> dict[str, Any]:
@@ -260,15 +268,19 @@ class _Job:
         comfy = self.service.comfy
         if comfy is None:
             return
-        for root in (comfy.input_dir, comfy.output_dir):
-            if root is not None:
-                shutil.rmtree(root / self.ctx.subfolder, ignore_errors=True)
-        if self.prompt_id is not None:
-            try:
-                comfy.client.forget(self.prompt_id)
-            except Exception as exc:  # clean-up must never mask the job's own result
-                logs.event(log, "could not drop prompt from ComfyUI history", level=30,
-                           prompt_id=self.prompt_id, error=type(exc).__name__)
+        comfy.remove_job_files(self.ctx.subfolder)
+        run = self.prompt_run
+        if run is None:
+            return
+        if not run.finished:
+            comfy.disown(run.prompt_id, self.ctx.subfolder)  # the next job stops it, cleans up after it
+            return
+        try:
+            comfy.client.forget(run.prompt_id)
+            comfy.reap()  # ComfyUI answers again: whatever earlier jobs left can go now
+        except Exception as exc:  # clean-up must never mask the job's own result
+            logs.event(log, "could not drop prompt from ComfyUI history", level=30,
+                       prompt_id=run.prompt_id, error=type(exc).__name__)
 
 
 def _execution_error(error: dict[str, Any]) -> JobError:

@@ -168,6 +168,8 @@ def _get(hop: _Hop, field: str, max_bytes: int, deadline: float, policy: UrlPoli
                 return _read(response, hop, field, max_bytes, deadline, policy, cancelled)
             finally:
                 response.release_conn()
+    except urllib3.exceptions.NewConnectionError:  # before TimeoutError: urllib3 makes it one
+        raise validation(f"{field}: could not connect to {hop.host}") from None
     except urllib3.exceptions.TimeoutError:
         if time.monotonic() >= deadline:
             raise _too_slow(field, hop, policy.total_timeout_s) from None

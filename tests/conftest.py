@@ -9,6 +9,7 @@ controls or stand-in model nodes ask for `fake_comfyui` and are skipped on a rea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
@@ -25,7 +26,12 @@ import requests
 from tests.s3 import S3Server, start_moto
 from tests.urlserver import NetGuard
 
+if TYPE_CHECKING:
+    from tests.chatworker import ChatWorker
+
 REPO = Path(__file__).resolve().parent.parent
+# Every worker log the suite writes; pytest_sessionfinish checks them for secrets (loghygiene.py).
+WORKER_LOGS: list[Path] = []
 TEST_INPUT = json.loads((REPO / "test_input.json").read_text())
 
 
@@ -126,6 +132,7 @@ class RunpodApi:
 
 def start_runpod_api(env: dict[str, str], log_path: Path, *args: str) -> RunpodApi:
     port = free_port()
+    WORKER_LOGS.append(log_path)
     log = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port), *args],
@@ -160,6 +167,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def chat_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatWorker]:
+    """The chat worker (tests/chatworker.py): one real vLLM for the whole session."""
+    from tests.chatworker import NOT_PREPARED, prepared, start_chat_worker
+
+    if not prepared():
+        pytest.skip(NOT_PREPARED)
+    with start_chat_worker(tmp_path_factory.mktemp("chat")) as worker:
+        yield worker
+
+
 @pytest.fixture
 def net_guard(monkeypatch: pytest.MonkeyPatch) -> NetGuard:
     """Every connection urllib3 makes in this process goes through a NetGuard: loopback only,
@@ -169,3 +187,42 @@ def net_guard(monkeypatch: pytest.MonkeyPatch) -> NetGuard:
     guard = NetGuard(urllib3.util.connection.create_connection)
     monkeypatch.setattr(urllib3.util.connection, "create_connection", guard.connect)
     return guard
+
+
+@pytest.fixture(scope="session", autouse=True)
+def in_process_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every `diffbox` log record of this process (in-process Service tests), at DEBUG, as the
+    worker writes them, into a file the end-of-session check reads with the handlers' logs."""
+    from diffbox.logs import JsonFormatter
+
+    path = tmp_path_factory.mktemp("logs") / "in-process.jsonl"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("diffbox")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    WORKER_LOGS.append(path)
+    yield path
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    handler.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when any worker log of it holds a credential, a presigned URL's signature or
+    image bytes. A hook rather than a last test: it sees the logs of every test that ran (module
+    fixtures' workers stop only at their module's end), whatever the order or selection."""
+    from tests.loghygiene import scan
+
+    findings = scan(WORKER_LOGS)
+    if findings:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = ["worker logs hold secrets or image bytes:", *findings[:50]]
+        if reporter is not None:
+            reporter.write_sep("=", "log hygiene", red=True)
+            for line in lines:
+                reporter.write_line(line)
+        else:
+            print("\n".join(lines), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

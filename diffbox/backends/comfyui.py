@@ -87,10 +87,10 @@ class ComfyClient:
         stored = f"{body.get('subfolder')}/{body.get('name')}" if body.get("subfolder") else body.get("name")
         return str(stored)
 
-    def queue_prompt(self, graph: dict[str, Any], client_id: str) -> str:
-        response = self.http.post(
-            self._url("/prompt"), json={"prompt": graph, "client_id": client_id}, timeout=HTTP_TIMEOUT_S
-        )
+    def queue_prompt(self, graph: dict[str, Any], client_id: str, prompt_id: str) -> str:
+        # Our own prompt id (ComfyUI takes one): the job knows it even when the answer is lost.
+        body = {"prompt": graph, "client_id": client_id, "prompt_id": prompt_id}
+        response = self.http.post(self._url("/prompt"), json=body, timeout=HTTP_TIMEOUT_S)
         if response.status_code == 200:
             try:
                 return str(response.json()["prompt_id"])

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import requests
 import websocket
@@ -67,6 +67,10 @@ class PromptRun:
         self.on_message = on_message
         self.on_output = on_output
         self.client_id = uuid.uuid4().hex
+        self.prompt_id = str(uuid.uuid4())
+        # Whether ComfyUI said our prompt ended (or never ran): until then it may still be
+        # queued or running there, whatever became of this job.
+        self.finished = False
         self.stop_reason: Literal["cancelled", "timeout"] | None = None
         self._stop_sent_at: float | None = None
         self._exec_start_ms: int | None = None
@@ -78,9 +82,12 @@ class PromptRun:
         ws = self._connect()
         try:
             try:
-                prompt_id = self.client.queue_prompt(graph, self.client_id)
+                prompt_id = self.client.queue_prompt(graph, self.client_id, self.prompt_id)
+            except JobError:
+                self.finished = True  # refused: it never entered the queue
+                raise
             except requests.RequestException as exc:
-                self._lost(exc)
+                lost(self.supervisor, exc)
             logs.event(log, "prompt queued", prompt_id=prompt_id)
             return self._follow(ws, prompt_id)
         finally:
@@ -91,14 +98,9 @@ class PromptRun:
         try:
             ws = websocket.create_connection(url, timeout=10)
         except (OSError, websocket.WebSocketException) as exc:
-            self._lost(exc)
+            lost(self.supervisor, exc)
         ws.settimeout(RECV_POLL_S)
         return ws
-
-    def _lost(self, exc: Exception) -> Any:
-        self.supervisor.mark_unready()
-        self.supervisor.raise_if_exited("during the job")
-        raise backend(f"lost the connection to ComfyUI: {type(exc).__name__}") from exc
 
     def _follow(self, ws: websocket.WebSocket, prompt_id: str) -> Outcome:
         last_message = time.monotonic()
@@ -108,7 +110,7 @@ class PromptRun:
                 if self._send_stop(prompt_id):
                     return self._outcome(prompt_id, "interrupted")
             if self._stop_sent_at is not None and time.monotonic() - self._stop_sent_at > STOP_GRACE_S:
-                return self._outcome(prompt_id, "interrupted")
+                return self._outcome(prompt_id, "interrupted", confirmed=False)
             try:
                 raw = ws.recv()
             except websocket.WebSocketTimeoutException:
@@ -155,8 +157,9 @@ class PromptRun:
         return None
 
     def _outcome(self, prompt_id: str, status: Literal["success", "error", "interrupted"],
-                 error: dict[str, Any] | None = None) -> Outcome:
+                 error: dict[str, Any] | None = None, confirmed: bool = True) -> Outcome:
         entry = self._history(prompt_id, wait=status == "success")
+        self.finished = confirmed
         outputs = (entry or {}).get("outputs") or {}
         # Outputs that finished before a failure or interrupt still count (svi partial clips),
         # and any that arrived only in /history (after a reconnect) are announced now.
@@ -179,7 +182,7 @@ class PromptRun:
             try:
                 entry = self.client.history(prompt_id)
             except (requests.RequestException, ValueError) as exc:
-                self._lost(exc)
+                lost(self.supervisor, exc)
             if entry is not None or not wait:
                 return entry
             time.sleep(0.05)
@@ -190,7 +193,7 @@ class PromptRun:
         try:
             entry = self.client.history(prompt_id)
         except (requests.RequestException, ValueError) as exc:
-            self._lost(exc)
+            lost(self.supervisor, exc)
         if entry is None:
             return None
         status = entry.get("status") or {}
@@ -232,5 +235,13 @@ class PromptRun:
                     return False
                 return True  # already deleted, or already ended
         except (requests.RequestException, ValueError) as exc:
-            self._lost(exc)
+            lost(self.supervisor, exc)
         return False
+
+
+def lost(supervisor: Supervisor, exc: Exception) -> NoReturn:
+    """A request to ComfyUI failed: its exit (code and log tail) when it has exited, else a
+    backend error; either way it is probed again before the next job trusts it."""
+    supervisor.mark_unready()
+    supervisor.raise_if_exited("during the job")
+    raise backend(f"lost the connection to ComfyUI: {type(exc).__name__}") from exc

@@ -3,12 +3,19 @@ its input and output folders are on this disk (for clean-up and reading outputs 
 
 from __future__ import annotations
 
+import shutil
+import threading
 from pathlib import Path
 
+import requests
+
+from .. import logs
 from ..config import Settings
 from ..model_paths import CONFIG_NAME, write_extra_model_paths
 from .comfyui import ComfyClient, FileRef
 from .process import ServerProcess, Supervisor
+
+log = logs.get("comfyui")
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
@@ -39,6 +46,9 @@ class ComfyServer:
         self.client = ComfyClient(url)
         self.supervisor = Supervisor("comfyui", self.client.probe, process)
         self.input_dir, self.output_dir, self.temp_dir = self._folders(settings)
+        # Prompts of ended jobs that ComfyUI may still run: prompt id -> the job's folder.
+        self._orphans: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     @staticmethod
     def _folders(settings: Settings) -> tuple[Path | None, Path | None, Path | None]:
@@ -63,3 +73,42 @@ class ComfyServer:
         if not path.is_relative_to(root.resolve()) or not path.is_file():
             return None
         return path
+
+    def remove_job_files(self, subfolder: str) -> None:
+        """A job's inputs and outputs, where ComfyUI's folders are on this disk."""
+        for root in (self.input_dir, self.output_dir):
+            if root is not None:
+                shutil.rmtree(root / subfolder, ignore_errors=True)
+
+    def disown(self, prompt_id: str, subfolder: str) -> None:
+        """Hand over a prompt whose job ended before ComfyUI said the prompt had (it hung or
+        dropped us): it may still be queued, or run and write into the job's folder."""
+        with self._lock:
+            self._orphans[prompt_id] = subfolder
+
+    def reap(self) -> None:
+        """Stop disowned prompts, and once they have ended remove their files and history, so
+        that no job waits behind them and a warm worker's disk does not fill up. Called when
+        ComfyUI answers again; whatever cannot be done now is tried by the next job."""
+        with self._lock:
+            orphans = dict(self._orphans)
+        for _ in range(2):  # stop, then look again: a dequeued prompt is gone at once
+            if not orphans:
+                return
+            try:
+                running, pending = self.client.queue()
+                for prompt_id, subfolder in list(orphans.items()):
+                    if prompt_id in pending:
+                        self.client.delete_queued(prompt_id)
+                    elif prompt_id in running:
+                        self.client.interrupt(prompt_id)
+                    else:
+                        self.remove_job_files(subfolder)
+                        self.client.forget(prompt_id)
+                        del orphans[prompt_id]
+                        with self._lock:
+                            self._orphans.pop(prompt_id, None)
+                        logs.event(log, "orphaned prompt cleaned up", prompt_id=prompt_id)
+            except (requests.RequestException, ValueError) as exc:
+                logs.event(log, "could not clean up orphaned prompts yet", level=30, error=type(exc).__name__)
+                return

@@ -23,6 +23,9 @@ from ..errors import JobError
 
 log = logs.get("process")
 TAIL_LINES = 40
+# A server that answered once and now has not for this long, its process alive, is hung (a
+# deadlocked node, a wedged driver): it is restarted, or every later job would wait for it.
+HUNG_AFTER_S = 60.0
 
 
 class ServerProcess:
@@ -120,6 +123,7 @@ class Supervisor:
         self.process = process
         self._lock = threading.Lock()
         self._ready = False
+        self._answered = False  # this process answered a probe once (so silence means hung)
 
     def start(self) -> None:
         """Start the process without waiting (cold start launches every backend at once)."""
@@ -132,12 +136,10 @@ class Supervisor:
         with self._lock:
             if self.process is not None:
                 if not self.process.started():
-                    self.process.start()
-                    self._ready = False
+                    self._restart()
                 elif (code := self.process.returncode()) is not None:
                     logs.event(log, "backend had exited, restarting", backend=self.name, code=code)
-                    self.process.start()
-                    self._ready = False
+                    self._restart()
             if self._ready:
                 return
             t0 = time.monotonic()
@@ -145,6 +147,11 @@ class Supervisor:
                 self.raise_if_exited("while starting")
                 if self.probe():
                     break
+                if self.process is not None and self._answered and time.monotonic() - t0 > HUNG_AFTER_S:
+                    logs.event(log, "backend stopped answering, restarting", level=30, backend=self.name,
+                               silent_s=logs.since(t0))
+                    self._restart()
+                    t0 = time.monotonic()  # a fresh start gets the whole startup bound
                 if cancelled():
                     raise JobError("cancelled", f"job cancelled while {self.name} was starting")
                 if time.monotonic() - t0 > timeout_s:
@@ -155,8 +162,13 @@ class Supervisor:
                         {"log_tail": self.process.tail()} if self.process else None,
                     )
                 time.sleep(0.25)
-            self._ready = True
+            self._ready = self._answered = True
             logs.event(log, "backend ready", backend=self.name, wait_s=logs.since(t0))
+
+    def _restart(self) -> None:
+        assert self.process is not None
+        self.process.start()  # ends what is left of the last run's process group first
+        self._ready = self._answered = False
 
     def raise_if_exited(self, when: str) -> None:
         if self.process is None or (code := self.process.returncode()) is None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..errors import validation
+from ..errors import clip, validation
 from ..schemas import describe_validation_error
 from . import chat, i2v, manifest, qwen_edit, raw, svi, wan
 from .base import ImageLoader, JobContext, Plan
@@ -71,7 +71,7 @@ def parse(payload: Any) -> tuple[Workflow, BaseModel]:
     if name == "chat" and "workflow" not in payload:
         workflow = CHAT_DROP_IN
     if workflow is None:
-        raise validation(f"workflow: unknown workflow {name!r}; known: {', '.join(sorted(NAMED)) or 'none'}")
+        raise validation(f"workflow: unknown workflow {clip(name)}; known: {', '.join(sorted(NAMED)) or 'none'}")
     try:
         return workflow, workflow.request.model_validate(payload)
     except ValidationError as exc:

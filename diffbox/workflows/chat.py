@@ -22,9 +22,9 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
-from ..errors import backend, validation
+from ..errors import backend, clip, validation
 from ..schemas import Strict, describe_validation_error
 from .base import ImageLoader, JobContext, Plan
 from .graph import WORKFLOWS_DIR
@@ -50,15 +50,18 @@ def presets() -> dict[str, Preset]:
     return {name: Preset(entry["description"], entry["system"]) for name, entry in data.items()}
 
 
-def _check_stop(stop: str | list[str] | None) -> str | list[str] | None:
-    items = [stop] if isinstance(stop, str) else stop or []
+def _check_stop(stop: Any) -> Any:
+    # Before the union is tried: its errors would name pydantic's members ("stop.list[str]").
+    items = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ValueError("must be a string or a list of strings")
     if len(items) > 16 or any(not 1 <= len(s) <= 200 for s in items):
         raise ValueError("at most 16 strings of 1 to 200 characters")
     return stop
 
 
 LongText = Annotated[str, Field(max_length=MAX_TEXT)]
-Stop = Annotated[str | list[str] | None, AfterValidator(_check_stop),
+Stop = Annotated[str | list[str] | None, BeforeValidator(_check_stop),
                  Field(description="Up to 16 strings; generation ends before any of them.")]
 
 
@@ -85,6 +88,8 @@ class Message(Strict):
                 raise ValueError(f"part {describe_validation_error(exc)[0]}") from None
         elif not isinstance(content, str):
             raise ValueError("must be a string or a list of {\"type\": \"text\", \"text\"} parts")
+        elif len(content) > MAX_TEXT:
+            raise ValueError(f"String should have at most {MAX_TEXT} characters")
         return content
 
 
@@ -121,7 +126,7 @@ class ChatRequest(Strict):
     @classmethod
     def _known_preset(cls, preset: str | None) -> str | None:
         if preset is not None and preset not in presets():
-            raise ValueError(f"must be one of {', '.join(sorted(presets()))}, got {preset!r}")
+            raise ValueError(f"must be one of {', '.join(sorted(presets()))}, got {clip(preset)}")
         return preset
 
     def conversation(self) -> list[dict[str, Any]]:
@@ -193,7 +198,7 @@ class VllmWorkerRequest(Strict):
     @classmethod
     def _route(cls, route: str | None, info: ValidationInfo) -> str | None:
         if route is not None and route not in OPENAI_ROUTES:
-            raise ValueError(f"must be one of {', '.join(OPENAI_ROUTES)}, got {route!r}")
+            raise ValueError(f"must be one of {', '.join(OPENAI_ROUTES)}, got {clip(route)}")
         if "messages" not in info.data or "prompt" not in info.data:  # refused; that error says enough
             return route
         text = info.data["messages"] is not None or info.data["prompt"] is not None

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import validation
+from ..errors import clip, key_name, validation
 from ..schemas import OutputOptions, Strict
 from .base import Graph, ImageLoader, JobContext, Plan, Upload
 
@@ -56,7 +56,8 @@ class RawRequest(Strict):
 def check_allowed(graph: dict[str, Any], allowlist: list[str]) -> None:
     for node_id, node in graph.items():
         if node["class_type"] not in allowlist:
-            raise validation(f"workflow.{node_id}: node class {node['class_type']} is not allowed on this endpoint")
+            raise validation(f"workflow.{key_name(node_id)}: node class {key_name(node['class_type'])} is not allowed "
+                             "on this endpoint")
 
 
 def check_graph(graph: dict[str, Any]) -> None:
@@ -66,7 +67,7 @@ def check_graph(graph: dict[str, Any]) -> None:
     if len(graph) > MAX_NODES:
         raise validation(f"workflow: {len(graph)} nodes, more than the {MAX_NODES} allowed")
     for node_id, node in graph.items():
-        where = f"workflow.{node_id}"
+        where = f"workflow.{key_name(node_id)}"
         if not isinstance(node, dict):
             raise validation(f"{where}: a node must be an object with class_type and inputs")
         class_type = node.get("class_type")
@@ -77,7 +78,8 @@ def check_graph(graph: dict[str, Any]) -> None:
             raise validation(f"{where}.inputs: must be an object")
         for name, value in inputs.items():
             if _is_link(value) and str(value[0]) not in graph:
-                raise validation(f"{where}.inputs.{name}: links to node {value[0]!r}, which is not in the graph")
+                raise validation(f"{where}.inputs.{key_name(name)}: links to node {clip(value[0])}, "
+                                 "which is not in the graph")
     _refuse_cycles(graph)
 
 
@@ -107,7 +109,7 @@ def _refuse_cycles(graph: dict[str, Any]) -> None:
                 continue
             dep = deps.pop()
             if state.get(dep) == 1:
-                raise validation(f"workflow.{dep}: the graph has a cycle through node {dep}")
+                raise validation(f"workflow.{key_name(dep)}: the graph has a cycle through node {key_name(dep)}")
             if not state.get(dep):
                 state[dep] = 1
                 stack.append((dep, _deps(graph, dep)))

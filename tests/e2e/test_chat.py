@@ -1,10 +1,11 @@
 """Chat against a real vLLM (CPU build, tiny random-weight model: tests/vllm_env/).
 
-One worker for the module: `python handler.py --rp_serve_api` with DIFFBOX_BACKENDS=vllm,
-which starts vLLM itself from DIFFBOX_VLLM_COMMAND, as on RunPod (about 35 s). Chunk-level
-checks use a `Service` in this process attached to that same vLLM by URL. Random weights
-write gibberish (U+FFFD, control characters): texts are compared with each other, never
-with readable expectations. The test that kills vLLM runs last: it costs a second start.
+The session's chat worker (tests/chatworker.py): `python handler.py --rp_serve_api` with
+DIFFBOX_BACKENDS=vllm, which starts vLLM itself from DIFFBOX_VLLM_COMMAND, as on RunPod.
+Chunk-level checks use a `Service` in this process attached to that same vLLM by URL. Random
+weights write gibberish (U+FFFD, control characters): texts are compared with each other,
+never with readable expectations. The test that kills vLLM runs last in this module: the
+next job pays for a second start.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,9 @@ import requests
 from diffbox.config import Settings
 from diffbox.service import Service
 from diffbox.workflows.chat import presets
-from tests.conftest import TEST_INPUT, ComfyTarget, RunpodApi, free_port, start_runpod_api
+from tests.chatworker import MODEL, ChatWorker, vllm_group
+from tests.conftest import TEST_INPUT, ComfyTarget, free_port
 
-CACHE = Path(os.environ.get("DIFFBOX_TEST_CACHE") or Path.home() / ".cache" / "diffbox-test")
-PYTHON, MODEL = CACHE / "vllm-venv" / "bin" / "python", CACHE / "tiny-llama"
 # Two vLLM starts (the second after the kill) on a busy 2-core machine take minutes.
 pytestmark = pytest.mark.timeout(400)
 
@@ -38,96 +36,6 @@ GREEDY = {"temperature": 0, "seed": 7}
 PLAIN = {"workflow": "chat", "messages": MESSAGES, "max_tokens": 24, **GREEDY}
 LONG_TOKENS = 240  # about all the 256-token context leaves; about a second of generation
 LONG = {"workflow": "chat", "prompt": "Tell a long story.", "max_tokens": LONG_TOKENS, **GREEDY}
-
-
-@dataclass
-class ChatWorker:
-    api: RunpodApi
-    vllm_url: str
-    vllm_port: int
-
-    def chunks(self, job_input: dict[str, Any]) -> list[Any]:
-        """What /runsync returns for a generator handler: the list of its chunks."""
-        body = self.api.runsync(job_input)
-        assert body["status"] == "COMPLETED", body
-        assert isinstance(body["output"], list)
-        return body["output"]
-
-    def result(self, job_input: dict[str, Any]) -> dict[str, Any]:
-        [result] = self.chunks(job_input)
-        assert "error" not in result, result
-        return dict(result)
-
-    def error(self, job_input: dict[str, Any]) -> dict[str, Any]:
-        chunks = self.chunks(job_input)
-        assert "error" in chunks[-1], chunks
-        # The SDK reports an error chunk as a string; the handler makes it the error's JSON.
-        return dict(json.loads(chunks[-1]["error"]))
-
-    def metric(self, name: str, **labels: str) -> float:
-        total = 0.0
-        for line in requests.get(f"{self.vllm_url}/metrics", timeout=10).text.splitlines():
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-
-def vllm_group(port: int) -> tuple[int | None, list[int]]:
-    """The vLLM server listening on `port` (the leader) and every process of its group."""
-    leader = None
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"vllm.entrypoints.openai.api_server" in argv and str(port).encode() in argv:
-            leader = int(entry.name)
-    if leader is None:
-        return None, []
-    members = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[2]) == leader:
-            members.append(int(entry.name))
-    return leader, members
-
-
-@pytest.fixture(scope="module")
-def chat_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatWorker]:
-    if not PYTHON.exists() or not (MODEL / "config.json").exists():
-        pytest.skip(f"the test vLLM is not prepared in {CACHE}: run `bash tests/vllm_env/setup.sh` (make test does)")
-    tmp = tmp_path_factory.mktemp("chat")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFBOX_", "RUNPOD_", "BUCKET_"))}
-    env.update(
-        DIFFBOX_BACKENDS="vllm",
-        DIFFBOX_VLLM_COMMAND=f"{PYTHON} -m vllm.entrypoints.openai.api_server",
-        DIFFBOX_VLLM_MODEL=str(MODEL),
-        DIFFBOX_VLLM_ARGS="--dtype bfloat16 --max-model-len 256 --enforce-eager",
-        DIFFBOX_VLLM_PORT=str(port),
-        DIFFBOX_STARTUP_TIMEOUT_S="300",
-        DIFFBOX_WORK_DIR=str(tmp / "work"),
-        DIFFBOX_LOG_LEVEL="INFO",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    api = start_runpod_api(env, tmp / "handler.log")
-    api.timeout_s = 360
-    worker = ChatWorker(api, f"http://127.0.0.1:{port}", port)
-    try:
-        worker.result({**PLAIN, "max_tokens": 1})  # waits for the worker's vLLM to be ready
-        yield worker
-    finally:
-        api.stop()
-        # The worker stops vLLM when it exits; this only guards the machine should it not.
-        leader, members = vllm_group(port)
-        for pid in members:
-            os.kill(pid, signal.SIGKILL)
-        assert leader is None, f"vLLM outlived the worker:\n{api.logs()[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +187,12 @@ async def test_cancelling_a_stream_stops_generation(chat_worker: ChatWorker, att
             stop.set()
     assert chunks[-1]["error"]["type"] == "cancelled" and len(chunks) < 100
     assert await _generated_since(chat_worker, tokens) < LONG_TOKENS
+    # The same for a caller waiting for the whole answer (vLLM sends nothing before its end).
+    tokens = chat_worker.metric("vllm:generation_tokens_total")
+    stop = threading.Event()
+    threading.Timer(0.1, stop.set).start()
+    assert (await attached.run("stop-whole", LONG, stop=stop))["error"]["type"] == "cancelled"
+    assert await _generated_since(chat_worker, tokens) < LONG_TOKENS
     # vLLM serves the next request as before.
     assert chat_worker.result(PLAIN) == plain
 
@@ -317,11 +231,13 @@ def test_vllm_killed_mid_request_fails_the_job_and_the_next_starts_a_fresh_one(c
     leader, members = vllm_group(chat_worker.vllm_port)
     assert leader is not None and len(members) > 1  # the server and its engine
     answer: dict[str, Any] = {}
-    job = threading.Thread(target=lambda: answer.update(chunks=chat_worker.chunks(LONG)))
+    # 256 sequences at once: a few seconds of generation, time enough to kill vLLM in the middle.
+    heavy = {"prompt": "Tell", "max_tokens": LONG_TOKENS, "n": 256, "ignore_eos": True, "temperature": 1}
+    job = threading.Thread(target=lambda: answer.update(
+        chunks=chat_worker.chunks({"openai_route": "/v1/completions", "openai_input": heavy})))
     job.start()
-    deadline = time.monotonic() + 60
     while chat_worker.metric("vllm:num_requests_running") < 1:
-        assert time.monotonic() < deadline, "the job never reached vLLM"
+        assert job.is_alive(), f"the job ended before vLLM was seen running it: {answer}"
         time.sleep(0.01)
     os.kill(leader, signal.SIGKILL)  # the API server only: its engine processes live on
     job.join(120)

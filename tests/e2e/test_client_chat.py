@@ -1,5 +1,5 @@
-"""Chat through diffbox.client and `diffbox chat`, on the chat worker of tests/e2e/test_chat.py
-(the runpod SDK's local API server running handler.py's generator handler, a real vLLM on the
+"""Chat through diffbox.client and `diffbox chat`, on the session's chat worker (tests/chatworker.py:
+the runpod SDK's local API server running handler.py's generator handler, a real vLLM on the
 CPU with a tiny random-weight model: texts are compared with each other, never read).
 
 The local server runs a /run job inside the one /stream request that asks for it: the chunks
@@ -13,13 +13,11 @@ import sys
 import pytest
 
 from diffbox.client import Client, NotSupported
+from tests.chatworker import ChatWorker
 from tests.conftest import REPO
-from tests.e2e import test_chat
-from tests.e2e.test_chat import PLAIN, ChatWorker
+from tests.e2e.test_chat import PLAIN
 
 pytestmark = pytest.mark.timeout(400)
-# Their module's fixture (one vLLM for this module too).
-chat_worker = test_chat.chat_worker
 
 
 def test_stream_joins_to_the_plain_text(chat_worker: ChatWorker) -> None:

@@ -20,42 +20,14 @@ from diffbox.config import Settings
 from diffbox.service import Service
 from tests.conftest import TEST_INPUT, ComfyTarget, free_port
 from tests.fakes.comfyui import write_comfyui_dir
-from tests.fakes.comfyui.faults import set_config, set_fault
-
-
-def sampler_graph(steps: int) -> dict[str, Any]:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "seed": -1, "steps": steps, "cfg": 1.0, "sampler_name": "euler",
-            "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "sampled"}},
-    }
-
-
-def _settings(comfy: ComfyTarget, tmp_path: Path, **overrides: Any) -> Settings:
-    assert comfy.base_dir is not None
-    values: dict[str, Any] = {
-        "comfyui_url": comfy.url, "comfyui_dir": comfy.base_dir, "work_dir": tmp_path / "work",
-        "startup_timeout_s": 30, **overrides,
-    }
-    return Settings(**values)
+from tests.fakes.comfyui.faults import set_fault
+from tests.jobkit import sampler_graph, sampling_fake, settings
 
 
 @pytest.fixture
 def comfy(fake_comfyui: ComfyTarget) -> Iterator[ComfyTarget]:
-    assert fake_comfyui.base_dir is not None
-    checkpoints = fake_comfyui.base_dir / "models" / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / "tiny.safetensors").write_bytes(b"")
-    set_config(fake_comfyui.url, step_delay_s=0.05)
-    yield fake_comfyui
-    set_config(fake_comfyui.url, step_delay_s=0.01)
+    with sampling_fake(fake_comfyui, step_delay_s=0.05) as fake:
+        yield fake
 
 
 def _queue_ids(url: str) -> list[str]:
@@ -75,7 +47,7 @@ async def _next_job_succeeds(service: Service) -> None:
 
 
 async def test_progress_is_monotonic_and_reports_steps(comfy: ComfyTarget, tmp_path: Path) -> None:
-    service = Service(_settings(comfy, tmp_path))
+    service = Service(settings(comfy, tmp_path))
     updates: list[dict[str, Any]] = []
     result = await service.run("progress", {"workflow": sampler_graph(60)}, updates.append)
     assert "error" not in result, result
@@ -90,7 +62,7 @@ async def test_progress_is_monotonic_and_reports_steps(comfy: ComfyTarget, tmp_p
 
 
 async def test_cancelling_the_task_stops_our_prompt_and_cleans_up(comfy: ComfyTarget, tmp_path: Path) -> None:
-    service = Service(_settings(comfy, tmp_path))
+    service = Service(settings(comfy, tmp_path))
     running = threading.Event()
 
     def on_progress(update: dict[str, Any]) -> None:
@@ -109,7 +81,7 @@ async def test_cancelling_the_task_stops_our_prompt_and_cleans_up(comfy: ComfyTa
 
 
 async def test_stop_event_returns_cancelled(comfy: ComfyTarget, tmp_path: Path) -> None:
-    service = Service(_settings(comfy, tmp_path))
+    service = Service(settings(comfy, tmp_path))
     stop = threading.Event()
 
     def on_progress(update: dict[str, Any]) -> None:
@@ -123,17 +95,17 @@ async def test_stop_event_returns_cancelled(comfy: ComfyTarget, tmp_path: Path) 
 
 
 async def test_timeout_interrupts_and_reports(comfy: ComfyTarget, tmp_path: Path) -> None:
-    service = Service(_settings(comfy, tmp_path, job_timeout_s=1.0))
+    service = Service(settings(comfy, tmp_path, job_timeout_s=1.0))
     result = await service.run("slow", {"workflow": sampler_graph(400)})
     assert result["error"]["type"] == "timeout"
     assert "DIFFBOX_JOB_TIMEOUT_S" in result["error"]["message"]
     assert _queue_ids(comfy.url) == []
     assert _job_files(comfy, "slow") == []
-    await _next_job_succeeds(Service(_settings(comfy, tmp_path)))
+    await _next_job_succeeds(Service(settings(comfy, tmp_path)))
 
 
 async def test_dropped_websocket_reconnects_and_finishes(comfy: ComfyTarget, tmp_path: Path) -> None:
-    service = Service(_settings(comfy, tmp_path))
+    service = Service(settings(comfy, tmp_path))
     set_fault(comfy.url, "drop_ws", node_class="KSampler", step=2)
     result = await service.run("dropped", {"workflow": sampler_graph(6)})
     assert "error" not in result, result

@@ -227,6 +227,7 @@ def test_private_urls_and_http_when_allowed(tmp_path: Path, net_guard: NetGuard)
         assert server.requests[-1].host == f"localhost:{server.port}"
         # The bounds still hold.
         assert "larger than" in refused(server.url("/big"), policy).message
+        assert "could not connect to 127.0.0.1" in refused("http://127.0.0.1:1/img.png", policy).message
     finally:
         server.stop()
 

@@ -14,6 +14,7 @@ import pytest
 from diffbox.backends.vllm import VllmServer, argv, env
 from diffbox.config import Settings
 from diffbox.errors import JobError
+from diffbox.service import Service
 from tests.conftest import free_port
 
 # Answers /v1/models at once, as vLLM's /health does before its engine has served anything;
@@ -114,3 +115,23 @@ def test_a_model_that_dies_on_its_first_request_fails_readiness_with_its_log(sta
     assert caught.value.type == "backend"
     assert caught.value.message == "vllm exited with code 3 while starting"
     assert "head size 16 is not supported" in caught.value.details["log_tail"]
+
+
+def test_cold_start_launches_vllm_beside_comfyui_without_waiting(tmp_path: Path) -> None:
+    comfy_dir = tmp_path / "ComfyUI"
+    comfy_dir.mkdir()
+    (comfy_dir / "main.py").write_text("import time\ntime.sleep(60)\n")  # a ComfyUI that never answers
+    settings = _settings(tmp_path, "slow").model_copy(update={
+        "backends": ["comfyui", "vllm"], "comfyui_dir": comfy_dir, "comfyui_python": sys.executable,
+        "comfyui_port": free_port(), "models_dir": tmp_path / "no-models", "work_dir": tmp_path / "work"})
+    service = Service(settings)
+    t0 = time.monotonic()
+    service.start()
+    try:
+        assert time.monotonic() - t0 < 1
+        assert service.comfy is not None and service.vllm is not None
+        processes = [service.comfy.supervisor.process, service.vllm.supervisor.process]
+        assert all(p is not None and p.started() and p.returncode() is None for p in processes)
+        service.vllm.supervisor.ensure_ready(20)  # vLLM is ready while ComfyUI still is not
+    finally:
+        service.stop()
