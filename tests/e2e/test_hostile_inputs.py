@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
@@ -122,7 +122,8 @@ QWEN = {"workflow": "qwen_edit", "images": [IMG], "prompt": "make it blue"}
 RAW = {"workflow": INVERT_GRAPH, "images": [{"name": "input.png", "image": IMG}]}
 CHAT = {"workflow": "chat", "prompt": "hi"}
 VLLM = {"prompt": "hi", "sampling_params": {"max_tokens": 8}}
-BASES = {"i2v": I2V, "svi": SVI, "qwen_edit": QWEN, "raw": RAW, "chat": CHAT, "vllm_worker": VLLM}
+BASES: dict[str, dict[str, Any]] = {"i2v": I2V, "svi": SVI, "qwen_edit": QWEN, "raw": RAW, "chat": CHAT,
+                                    "vllm_worker": VLLM}
 
 
 def w(base: dict[str, Any], **changes: Any) -> dict[str, Any]:

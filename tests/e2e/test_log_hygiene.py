@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import boto3  # type: ignore[import-untyped]
-from botocore.config import Config  # type: ignore[import-untyped]
+import boto3
+from botocore.config import Config
 
 from tests.conftest import TEST_INPUT, ComfyTarget, job_error, start_runpod_api, worker_env
 from tests.jobkit import invert_job, png_b64
