@@ -13,7 +13,6 @@ result is then the one chunk).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
 import runpod  # after the line above: the SDK reads RUNPOD_LOG_LEVEL on import
 
+from diffbox.errors import as_text
 from diffbox.runtime import service
 
 SERVICE = service()
@@ -44,12 +44,8 @@ def _reporter(job: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
 
 
 def _for_runpod(result: Any) -> Any:
-    """The SDK reports a job's `error` as a string (its local API refuses anything else), so
-    the error object travels as JSON: `json.loads(body["error"])` gives it back. (A chunk may
-    be a string: the OpenAI passthrough streams server-sent events as text.)"""
-    if isinstance(result, dict) and isinstance(result.get("error"), dict):
-        return {**result, "error": json.dumps(result["error"])}
-    return result
+    # A chunk may be a string: the OpenAI passthrough streams server-sent events as text.
+    return {**result, "error": as_text(result["error"])} if isinstance(result, dict) and "error" in result else result
 
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ result contract's `{"error": {"type", "message", "details"}}`.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 ErrorType = Literal["validation", "backend", "timeout", "cancelled", "storage"]
@@ -43,3 +44,9 @@ def validation(message: str, details: Any = None) -> JobError:
 
 def backend(message: str, details: Any = None) -> JobError:
     return JobError("backend", message, details)
+
+
+def as_text(error: Any) -> Any:
+    """RunPod's API carries a job's `error` as a string (the SDK's local server refuses anything
+    else), so an error object travels as JSON text: `json.loads` gives it back."""
+    return json.dumps(error) if isinstance(error, dict) else error

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import threading
 import uuid
 from collections import OrderedDict
@@ -23,6 +22,7 @@ from typing import Any, Literal, Protocol
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from .errors import as_text
 from .service import Service
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
@@ -47,8 +47,7 @@ class JobStatus:
 
     @classmethod
     def failed(cls, error: Any, status: Status = "FAILED") -> JobStatus:
-        # RunPod's `error` is a string: an error object travels as JSON text, as handler.py sends it.
-        return cls(status, error=json.dumps(error) if isinstance(error, dict) else error)
+        return cls(status, error=as_text(error))
 
     @classmethod
     def running(cls, progress: dict[str, Any] | None) -> JobStatus:

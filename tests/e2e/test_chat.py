@@ -36,6 +36,9 @@ GREEDY = {"temperature": 0, "seed": 7}
 PLAIN = {"workflow": "chat", "messages": MESSAGES, "max_tokens": 24, **GREEDY}
 LONG_TOKENS = 240  # about all the 256-token context leaves; about a second of generation
 LONG = {"workflow": "chat", "prompt": "Tell a long story.", "max_tokens": LONG_TOKENS, **GREEDY}
+# 256 sequences at once (OpenAI's `n`): seconds of generation, time enough to act in the middle.
+HEAVY_N = 256
+HEAVY = {"prompt": "Tell", "max_tokens": LONG_TOKENS, "n": HEAVY_N, "ignore_eos": True, "temperature": 1}
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +150,12 @@ async def test_bad_messages_are_refused_before_vllm_is_called(chat_worker: ChatW
     assert error["type"] == "validation" and error["message"].startswith("max_tokens: ")
 
 
+def _stop_once_running(worker: ChatWorker, stop: threading.Event) -> None:
+    while worker.metric("vllm:num_requests_running") < 1:
+        time.sleep(0.01)
+    stop.set()
+
+
 async def _generated_since(worker: ChatWorker, before: float) -> float:
     """Tokens vLLM generated since `before`, once it runs no request."""
     for _ in range(100):
@@ -190,9 +199,10 @@ async def test_cancelling_a_stream_stops_generation(chat_worker: ChatWorker, att
     # The same for a caller waiting for the whole answer (vLLM sends nothing before its end).
     tokens = chat_worker.metric("vllm:generation_tokens_total")
     stop = threading.Event()
-    threading.Timer(0.1, stop.set).start()
-    assert (await attached.run("stop-whole", LONG, stop=stop))["error"]["type"] == "cancelled"
-    assert await _generated_since(chat_worker, tokens) < LONG_TOKENS
+    threading.Thread(target=_stop_once_running, args=(chat_worker, stop), daemon=True).start()
+    whole = await attached.run("stop-whole", {"openai_route": "/v1/completions", "openai_input": HEAVY}, stop=stop)
+    assert whole["error"]["type"] == "cancelled"
+    assert await _generated_since(chat_worker, tokens) < HEAVY_N * LONG_TOKENS
     # vLLM serves the next request as before.
     assert chat_worker.result(PLAIN) == plain
 
@@ -231,10 +241,8 @@ def test_vllm_killed_mid_request_fails_the_job_and_the_next_starts_a_fresh_one(c
     leader, members = vllm_group(chat_worker.vllm_port)
     assert leader is not None and len(members) > 1  # the server and its engine
     answer: dict[str, Any] = {}
-    # 256 sequences at once: a few seconds of generation, time enough to kill vLLM in the middle.
-    heavy = {"prompt": "Tell", "max_tokens": LONG_TOKENS, "n": 256, "ignore_eos": True, "temperature": 1}
     job = threading.Thread(target=lambda: answer.update(
-        chunks=chat_worker.chunks({"openai_route": "/v1/completions", "openai_input": heavy})))
+        chunks=chat_worker.chunks({"openai_route": "/v1/completions", "openai_input": HEAVY})))
     job.start()
     while chat_worker.metric("vllm:num_requests_running") < 1:
         assert job.is_alive(), f"the job ended before vLLM was seen running it: {answer}"

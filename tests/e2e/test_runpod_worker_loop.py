@@ -17,9 +17,8 @@ import pytest
 import requests
 
 from tests.conftest import REPO, TEST_INPUT, ComfyTarget, worker_env
-from tests.e2e.test_job_lifecycle import sampler_graph
-from tests.fakes.comfyui.faults import set_config
 from tests.fakes.runpod_api import FakeRunpodApi
+from tests.jobkit import sampler_graph, sampling_fake
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +31,6 @@ def runpod_api() -> Iterator[FakeRunpodApi]:
 @pytest.fixture(scope="module")
 def worker(runpod_api: FakeRunpodApi, fake_comfyui: ComfyTarget,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
-    assert fake_comfyui.base_dir is not None
-    checkpoints = fake_comfyui.base_dir / "models" / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / "tiny.safetensors").write_bytes(b"")
     tmp = tmp_path_factory.mktemp("rp-loop")
     env = worker_env(fake_comfyui, tmp / "work", **runpod_api.env())
     log = (tmp / "worker.log").open("wb")
@@ -60,9 +55,9 @@ def _wait_for(predicate: Any, timeout_s: float = 60) -> Any:
 def test_progress_posts_reach_runpod_and_the_result_follows(
     runpod_api: FakeRunpodApi, worker: subprocess.Popen[bytes], fake_comfyui: ComfyTarget
 ) -> None:
-    set_config(fake_comfyui.url, step_delay_s=0.05)
-    runpod_api.add_job("job-progress", {"workflow": sampler_graph(60)})
-    final = _wait_for(lambda: runpod_api.final("job-progress"))
+    with sampling_fake(fake_comfyui, step_delay_s=0.05):
+        runpod_api.add_job("job-progress", {"workflow": sampler_graph(60)})
+        final = _wait_for(lambda: runpod_api.final("job-progress"))
     assert "error" not in final, final
     assert final["output"]["images"][0]["filename"] == "sampled_00001_.png"
     updates = [b["output"] for b in runpod_api.posts_for("job-progress") if b.get("status") == "IN_PROGRESS"]
@@ -76,10 +71,10 @@ def test_progress_posts_reach_runpod_and_the_result_follows(
 def test_runpod_cancel_stops_the_prompt_and_the_worker_goes_on(
     runpod_api: FakeRunpodApi, worker: subprocess.Popen[bytes], fake_comfyui: ComfyTarget
 ) -> None:
-    set_config(fake_comfyui.url, step_delay_s=0.05)
-    runpod_api.add_job("job-cancel", {"workflow": sampler_graph(600)})
-    _wait_for(lambda: any(b.get("output", {}).get("step") for b in runpod_api.posts_for("job-cancel")))
-    runpod_api.stop_job("job-cancel")
+    with sampling_fake(fake_comfyui, step_delay_s=0.05):
+        runpod_api.add_job("job-cancel", {"workflow": sampler_graph(600)})
+        _wait_for(lambda: any(b.get("output", {}).get("step") for b in runpod_api.posts_for("job-cancel")))
+        runpod_api.stop_job("job-cancel")
     # The prompt leaves ComfyUI: nothing of this job runs on after the cancel.
     _wait_for(lambda: requests.get(f"{fake_comfyui.url}/queue", timeout=5).json()
               == {"queue_running": [], "queue_pending": []}, timeout_s=20)
@@ -89,5 +84,4 @@ def test_runpod_cancel_stops_the_prompt_and_the_worker_goes_on(
     runpod_api.add_job("job-after", TEST_INPUT["input"])
     final = _wait_for(lambda: runpod_api.final("job-after"))
     assert len(final["output"]["images"]) == 2
-    set_config(fake_comfyui.url, step_delay_s=0.01)
 
