@@ -59,6 +59,9 @@ async def stream(settings: Settings, server: VllmServer | None, job_id: str, pay
                    chunks=chunks, total_s=logs.since(t0))
         yield err.to_dict()
         return
+    except (asyncio.CancelledError, GeneratorExit):
+        logs.event(log, "job cancelled", job_id=job_id, workflow="chat", chunks=chunks, total_s=logs.since(t0))
+        raise
     logs.event(log, "job done", job_id=job_id, workflow="chat", chunks=chunks, first_chunk_s=first_s,
                total_s=logs.since(t0))
 
