@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -298,5 +298,3 @@ def _safe_job_id(job_id: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(job_id))[:128]
     return cleaned or "job"
 
-
-ProgressCallback = Callable[[dict[str, Any]], None]
