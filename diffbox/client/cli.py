@@ -13,12 +13,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import Client
 from .errors import ClientError
 from .job import Job
 from .uploads import UPLOAD_MODES
+
+if TYPE_CHECKING:
+    from .display import RunDisplay
 
 # display.py returns these; cli.py imports it only when a command runs, so `diffbox schema`
 # needs no rich.
@@ -79,24 +82,20 @@ def run(args: argparse.Namespace) -> int:
     from .display import RunDisplay
 
     display = RunDisplay(machine=args.json)
-    try:
-        client = Client(args.endpoint, api_key=args.api_key, poll_s=args.poll, upload=args.upload)
-        job = client.submit(run_request(args))
-    except (ValueError, OSError) as err:  # InvalidRequest is a ValueError
-        return display.refused(err)
-    except ClientError as err:
-        return display.failed(None, err)
-    try:
+    job = _submit(display, lambda: Client(args.endpoint, api_key=args.api_key, poll_s=args.poll,
+                                          upload=args.upload).submit(run_request(args)))
+    if isinstance(job, int):
+        return job
+
+    def follow() -> dict[str, Any]:
         with display.live(job):
             for update in job.progress(args.timeout):
                 display.progress(update)
-            result = job.result()
-    except KeyboardInterrupt:
-        return _cancel(job, display.note)
-    except TimeoutError:
-        return display.timed_out(job)
-    except ClientError as err:
-        return display.failed(job, err)
+            return job.result()
+
+    result = _watch(job, display, follow)
+    if isinstance(result, int):
+        return result
     try:
         paths = [] if args.no_download else job.download(args.out)
     except ClientError as err:
@@ -110,27 +109,45 @@ def chat(args: argparse.Namespace) -> int:
 
     display = RunDisplay(machine=args.json)
     streamed = not (args.no_stream or args.json)
-    try:
-        client = Client(args.endpoint, api_key=args.api_key, poll_s=args.poll)
-        job = client.submit(chat_request(args, streamed))
-    except (ValueError, OSError) as err:  # InvalidRequest is a ValueError
-        return display.refused(err)
-    except ClientError as err:
-        return display.failed(None, err)
-    try:
+    job = _submit(display, lambda: Client(args.endpoint, api_key=args.api_key, poll_s=args.poll)
+                  .submit(chat_request(args, streamed)))
+    if isinstance(job, int):
+        return job
+
+    def follow() -> dict[str, Any]:
         if streamed:
             for chunk in job.stream(args.timeout):
                 # A chunk with `text` instead of a delta: the endpoint could not stream.
                 display.write(str(chunk.get("delta", chunk.get("text", ""))) if isinstance(chunk, dict) else str(chunk))
-        result = job.result(args.timeout)
+        return job.result(args.timeout)
+
+    result = _watch(job, display, follow)
+    if isinstance(result, int):
+        return result
+    display.chat_done(job, result, streamed)
+    return 0
+
+
+def _submit(display: RunDisplay, submit: Callable[[], Job]) -> Job | int:
+    """The submitted job, or the exit code of a request refused or failed on the way."""
+    try:
+        return submit()
+    except (ValueError, OSError) as err:  # InvalidRequest is a ValueError
+        return display.refused(err)
+    except ClientError as err:
+        return display.failed(None, err)
+
+
+def _watch(job: Job, display: RunDisplay, follow: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """The job's result, or the exit code when it failed, timed out or Ctrl-C cancelled it."""
+    try:
+        return follow()
     except KeyboardInterrupt:
         return _cancel(job, display.note)
     except TimeoutError:
         return display.timed_out(job)
     except ClientError as err:
         return display.failed(job, err)
-    display.chat_done(job, result, streamed)
-    return 0
 
 
 def run_request(args: argparse.Namespace) -> dict[str, Any]:
