@@ -140,6 +140,7 @@ class _Job:
         self.plan: Plan | None = None
         self.uploads: OutputUploads | None = None
         self.prompt_run: PromptRun | None = None
+        self.abort = threading.Event()
 
     def run(self, payload: Any) -> dict[str, Any]:
         workflow, request = parse(payload)
@@ -157,7 +158,7 @@ class _Job:
         self.progress.stage("inputs")
         plan = self.plan = workflow.plan(request, self.ctx, self._load_image)
         check_models(workflow, request, self.settings.models_dir)
-        self.uploads = OutputUploads(store)
+        self.uploads = OutputUploads(store, on_failure=self.abort.set)
         self.timings["inputs_s"] = logs.since(self.t0)
         self.progress.stage("starting")
         comfy.supervisor.ensure_ready(self.settings.startup_timeout_s, self.stop.is_set)
@@ -185,7 +186,7 @@ class _Job:
     def _execute(self, comfy: ComfyServer, plan: Plan) -> Outcome:
         submitted = time.monotonic()
         run = self.prompt_run = PromptRun(comfy.client, comfy.supervisor, self.stop, self.deadline,
-                                          self.progress.on_message, self._on_output)
+                                          self.progress.on_message, self._on_output, self.abort)
         outcome = run.run(plan.graph)
         ended = time.monotonic()
         started = outcome.started_at or ended
@@ -196,6 +197,8 @@ class _Job:
         if outcome.status == "error":
             raise _execution_error(outcome.error or {})
         if outcome.status == "interrupted":
+            if run.stop_reason == "aborted":
+                self._store()  # raises the failed output's own error: why the prompt was stopped
             try:
                 partial = self._store()
             except JobError:

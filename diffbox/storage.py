@@ -71,8 +71,11 @@ def object_key(prefix: str, job_id: str, name: str) -> str:
 class OutputUploads:
     """One job's outputs, in the order they were reported (used from the job's thread)."""
 
-    def __init__(self, store: OutputStore, workers: int = 2) -> None:
+    def __init__(self, store: OutputStore, workers: int = 2, on_failure: Callable[[], None] | None = None) -> None:
         self.store = store
+        # Told at the first failure, so the job can stop its prompt instead of running on
+        # to a result it could not deliver.
+        self.on_failure = on_failure
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="diffbox-output")
         self._items: list[tuple[str, dict[str, Any], Future[tuple[Path, dict[str, Any]]]]] = []
         self._keys: set[str] = set()
@@ -86,10 +89,15 @@ class OutputUploads:
         self._items.append((key, fields, self._pool.submit(self._one, key, locate, animated)))
 
     def _one(self, key: str, locate: Callable[[], Path], animated: bool) -> tuple[Path, dict[str, Any]]:
-        path = locate()
-        entry = describe(path, animated=animated)
-        if self.store.streams:
-            entry.update(self.store.put(path, key, entry["content_type"]))
+        try:
+            path = locate()
+            entry = describe(path, animated=animated)
+            if self.store.streams:
+                entry.update(self.store.put(path, key, entry["content_type"]))
+        except BaseException:
+            if self.on_failure is not None:
+                self.on_failure()
+            raise
         return path, entry
 
     def results(self) -> list[dict[str, Any]]:

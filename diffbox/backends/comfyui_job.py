@@ -59,10 +59,14 @@ class PromptRun:
         deadline: float,
         on_message: OnMessage,
         on_output: OnOutput,
+        abort: threading.Event | None = None,
     ) -> None:
         self.client = client
         self.supervisor = supervisor
         self.stop = stop
+        # Set by the job itself when the run can no longer succeed (its outputs cannot be
+        # stored): the prompt is stopped at once instead of burning GPU time to its end.
+        self.abort = abort or threading.Event()
         self.deadline = deadline
         self.on_message = on_message
         self.on_output = on_output
@@ -71,7 +75,7 @@ class PromptRun:
         # Whether ComfyUI said our prompt ended (or never ran): until then it may still be
         # queued or running there, whatever became of this job.
         self.finished = False
-        self.stop_reason: Literal["cancelled", "timeout"] | None = None
+        self.stop_reason: Literal["cancelled", "aborted", "timeout"] | None = None
         self._stop_sent_at: float | None = None
         self._exec_start_ms: int | None = None
         self._exec_end_ms: int | None = None
@@ -105,8 +109,8 @@ class PromptRun:
     def _follow(self, ws: websocket.WebSocket, prompt_id: str) -> Outcome:
         last_message = time.monotonic()
         while True:
-            if self.stop_reason is None and (self.stop.is_set() or time.monotonic() > self.deadline):
-                self.stop_reason = "cancelled" if self.stop.is_set() else "timeout"
+            if self.stop_reason is None and (reason := self._stop_reason()) is not None:
+                self.stop_reason = reason
                 if self._send_stop(prompt_id):
                     return self._outcome(prompt_id, "interrupted")
             if self._stop_sent_at is not None and time.monotonic() - self._stop_sent_at > STOP_GRACE_S:
@@ -135,6 +139,13 @@ class PromptRun:
                 continue
             if (done := self._handle(prompt_id, kind, data)) is not None:
                 return done
+
+    def _stop_reason(self) -> Literal["cancelled", "aborted", "timeout"] | None:
+        if self.stop.is_set():
+            return "cancelled"
+        if self.abort.is_set():
+            return "aborted"
+        return "timeout" if time.monotonic() > self.deadline else None
 
     def _handle(self, prompt_id: str, kind: str, data: dict[str, Any]) -> Outcome | None:
         self.on_message(kind, data)

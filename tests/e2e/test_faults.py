@@ -31,6 +31,7 @@ from tests.conftest import ComfyTarget, free_port
 from tests.fakes.comfyui import write_comfyui_dir
 from tests.fakes.comfyui.faults import clear_faults, set_fault
 from tests.jobkit import (
+    INVERT_GRAPH,
     Baseline,
     invert_job,
     is_inversion_of,
@@ -345,6 +346,26 @@ async def test_s3_down_during_upload_is_a_storage_error_and_the_next_job_succeed
     with moto_on(port, tmp_path / "moto.log"):
         service.s3.client.create_bucket(Bucket="faults")
         await succeeds_to_s3(service, "back")
+
+
+async def test_an_output_that_cannot_be_stored_stops_the_prompt_early(comfy: ComfyTarget, tmp_path: Path) -> None:
+    # Nothing listens at the store: the first output's upload fails within seconds, while the
+    # sampler after it would run for 20 s more. The job must not wait for it.
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    s3 = S3Settings(bucket="faults", endpoint_url=endpoint, region=REGION, access_key_id=ACCESS_KEY,
+                    secret_access_key=SECRET_KEY, max_attempts=2, connect_timeout_s=1, read_timeout_s=3)
+    service = Service(settings(comfy, tmp_path, s3=s3))
+    early_output = {f"i{k}": {**node, "inputs": {name: [f"i{v[0]}", v[1]] if isinstance(v, list) else v
+                                                  for name, v in node["inputs"].items()}}
+                    for k, node in INVERT_GRAPH.items()}
+    job = {"workflow": {**early_output, **sampler_graph(400)}, "images": [{"name": "input.png", "image": IMAGE}]}
+    await service.run("store-gone-warm", job)  # the worker's pools start with the first job: not a leak
+    before = Baseline.take()
+    result, elapsed = await timed(service.run("store-gone", job))
+    assert result["error"]["type"] == "storage", result
+    assert endpoint in result["error"]["message"]
+    assert elapsed < 12, f"the prompt ran on for {elapsed:.1f} s after its output could not be stored"
+    before.assert_nothing_left(comfy, tmp_path / "work", "store-gone")
 
 
 async def succeeds_to_s3(service: Service, job_id: str) -> None:
