@@ -156,8 +156,10 @@ def _events(service: Service, job_id: str, payload: Any, publish: Emit | None, *
             events.put(_DONE)
 
     thread = threading.Thread(target=work, name=f"job-{job_id}", daemon=True)
-    thread.start()
     try:
+        # Inside the try: a cancellation can land while start() still waits for the thread,
+        # and the job must be stopped then too.
+        thread.start()
         while (item := events.get()) is not _DONE:
             if isinstance(item, _Failed):
                 raise item.exc
@@ -166,4 +168,5 @@ def _events(service: Service, job_id: str, payload: Any, publish: Emit | None, *
     finally:
         # A no-op when the job has ended; otherwise this is a cancellation.
         stop.set()
-        thread.join(STOP_WAIT_S)
+        if thread.ident is not None:  # it did start
+            thread.join(STOP_WAIT_S)
