@@ -168,8 +168,10 @@ class PromptRun:
         return None
 
     def _outcome(self, prompt_id: str, status: Literal["success", "error", "interrupted"],
-                 error: dict[str, Any] | None = None, confirmed: bool = True) -> Outcome:
-        entry = self._history(prompt_id, wait=status == "success")
+                 error: dict[str, Any] | None = None, confirmed: bool = True,
+                 entry: dict[str, Any] | None = None) -> Outcome:
+        if entry is None:
+            entry = self._history(prompt_id, wait=status == "success")
         self.finished = confirmed
         outputs = (entry or {}).get("outputs") or {}
         # Outputs that finished before a failure or interrupt still count (svi partial clips),
@@ -201,22 +203,19 @@ class PromptRun:
 
     def _reconcile(self, prompt_id: str) -> Outcome | None:
         """What /history says of our prompt, once it has ended; None while it runs."""
-        try:
-            entry = self.client.history(prompt_id)
-        except (requests.RequestException, ValueError) as exc:
-            lost(self.supervisor, exc)
+        entry = self._history(prompt_id, wait=False)
         if entry is None:
             return None
         status = entry.get("status") or {}
         messages = {m[0]: m[1] for m in status.get("messages", []) if isinstance(m, list) and len(m) == 2}
         self._exec_start_ms = self._exec_start_ms or messages.get("execution_start", {}).get("timestamp")
         if "execution_error" in messages:
-            return self._outcome(prompt_id, "error", messages["execution_error"])
+            return self._outcome(prompt_id, "error", messages["execution_error"], entry=entry)
         if "execution_interrupted" in messages:
-            return self._outcome(prompt_id, "interrupted")
+            return self._outcome(prompt_id, "interrupted", entry=entry)
         if status.get("completed") or status.get("status_str") == "success":
             self._exec_end_ms = messages.get("execution_success", {}).get("timestamp")
-            return self._outcome(prompt_id, "success")
+            return self._outcome(prompt_id, "success", entry=entry)
         return None
 
     def _reconnect(self, old: websocket.WebSocket) -> websocket.WebSocket:
