@@ -61,6 +61,7 @@ class ProgressTracker:
         self._stage = "starting"
         self._graph: dict[str, dict[str, Any]] = {}
         self._weights: dict[str, float] = {}
+        self._total = 1.0
         self._done: set[str] = set()
         self._node_fraction: dict[str, float] = {}
         self._node_clip: dict[str, int] = {}
@@ -72,6 +73,7 @@ class ProgressTracker:
                   clips: int = 0) -> None:
         self._graph = graph
         self._weights = {node_id: node_weight(node) for node_id, node in graph.items()}
+        self._total = sum(self._weights.values()) or 1.0
         self._node_clip = node_clip or {}
         self._clips = clips
 
@@ -114,12 +116,11 @@ class ProgressTracker:
         return detail
 
     def _running_fraction(self) -> float:
-        total = sum(self._weights.values()) or 1.0
         done = sum(w for n, w in self._weights.items() if n in self._done)
         partial = sum(
             self._weights.get(n, 0.0) * f for n, f in self._node_fraction.items() if n not in self._done
         )
-        return min((done + partial) / total, 1.0)
+        return min((done + partial) / self._total, 1.0)
 
     def _update(self, fraction: float) -> None:
         low, high = _BANDS[self._stage]
