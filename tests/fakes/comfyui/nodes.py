@@ -1029,6 +1029,17 @@ def empty_image(ctx: NodeContext, width: int, height: int, batch_size: int = 1, 
     return ([Image.new("RGB", (width, height), rgb) for _ in range(batch_size)],), None
 
 
+@node("ImageAddNoise")
+def image_add_noise(ctx: NodeContext, image: ImageList, seed: int, strength: float) -> NodeResult:
+    # Uniform noise blended in where ComfyUI adds Gaussian noise: seeded, a new pattern per frame.
+    rng = random.Random(seed)
+    out = []
+    for im in image:
+        noise = Image.frombytes("RGB", im.size, rng.randbytes(im.size[0] * im.size[1] * 3))
+        out.append(Image.blend(im.convert("RGB"), noise, min(max(strength, 0.0), 1.0)))
+    return (out,), None
+
+
 @node("ImageScale")
 def image_scale(ctx: NodeContext, image: ImageList, upscale_method: str, width: int, height: int, crop: str,
                 ) -> NodeResult:
