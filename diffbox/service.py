@@ -106,8 +106,10 @@ class Service:
     def _run_blocking(self, job_id: str, payload: Any, emit: Emit, stop: threading.Event) -> dict[str, Any]:
         t0 = time.monotonic()
         job = _Job(self, job_id, emit, stop, t0)
+        succeeded = False
         try:
             result = job.run(payload)
+            succeeded = True
             # The first job after a warm-up reports what the warm-up cost.
             warmed, self._warmup_timings = self._warmup_timings, {}
             if warmed:
@@ -119,7 +121,7 @@ class Service:
                        error_type=err.type, error=err.message, total_s=logs.since(t0))
             return err.to_dict()
         finally:
-            job.clean_up()
+            job.clean_up(later=succeeded)
 
 
 class _Job:
@@ -165,7 +167,7 @@ class _Job:
         comfy.reap()  # before queuing: our prompt must not wait behind an earlier job's
         try:
             for upload in plan.uploads:
-                comfy.client.upload_image(upload.name, upload.data, self.ctx.subfolder)
+                comfy.put_input(upload.name, upload.data, self.ctx.subfolder)
         except (requests.RequestException, ValueError) as exc:
             lost(comfy.supervisor, exc)
         self.progress.set_graph(plan.graph, plan.node_clip, plan.clips)
@@ -186,7 +188,7 @@ class _Job:
     def _execute(self, comfy: ComfyServer, plan: Plan) -> Outcome:
         submitted = time.monotonic()
         run = self.prompt_run = PromptRun(comfy.client, comfy.supervisor, self.stop, self.deadline,
-                                          self.progress.on_message, self._on_output, self.abort)
+                                          self.progress.on_message, self._on_output, self.abort, comfy.sockets)
         outcome = run.run(plan.graph)
         ended = time.monotonic()
         started = outcome.started_at or ended
@@ -262,12 +264,20 @@ class _Job:
         self.timings["upload_s"] = logs.since(t0)
         return stored
 
-    def clean_up(self) -> None:
+    def clean_up(self, later: bool = False) -> None:
         """Remove everything this job left, whatever the outcome (a warm worker's disk must
-        not fill up, and ComfyUI's in-memory history must not grow)."""
+        not fill up, and ComfyUI's in-memory history must not grow). `later`: ComfyUI's side
+        (its files of the job, its history) goes on a thread of its own, so a result does not
+        wait for it: file removal and a request cost a small job more than its own handling."""
         if self.uploads is not None:
             self.uploads.close()  # no upload may still be reading a file removed below
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)  # named after the job id, which a caller may reuse
+        if later:
+            threading.Thread(target=self._release_comfyui, name=f"diffbox-cleanup-{self.ctx.job_id}").start()
+        else:
+            self._release_comfyui()
+
+    def _release_comfyui(self) -> None:
         comfy = self.service.comfy
         if comfy is None:
             return

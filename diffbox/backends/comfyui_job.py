@@ -6,11 +6,17 @@ to the submitting client), only messages of our prompt count, and the job ends o
 after which `/history` is guaranteed). A dropped socket is reconnected and the state
 reconciled from `/history`, so a lost message never hangs a job. Stopping (cancel or
 timeout) dequeues or interrupts our own prompt only.
+
+A socket outlives its job (`IdleSockets`): opening one costs a connection and a handshake
+on every job, and one socket per worker carries every prompt's messages, told apart by
+prompt id. A job whose socket never dropped has seen every message of its prompt, its
+outputs included, so it does not read `/history` back on success.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import threading
 import time
 import uuid
@@ -36,6 +42,64 @@ STOP_GRACE_S = 60.0
 
 OnMessage = Callable[[str, dict[str, Any]], None]
 OnOutput = Callable[[str, dict[str, Any]], None]
+# Invalid UTF-8 on the socket is a broken socket like any other (see `connect`).
+SOCKET_ERRORS = (OSError, websocket.WebSocketException, UnicodeDecodeError)
+
+
+def connect(url: str) -> websocket.WebSocket:
+    # ComfyUI's messages are JSON it encoded itself: websocket-client's UTF-8 check, in pure
+    # Python byte by byte, cost more than the rest of a small job's message handling.
+    ws = websocket.create_connection(url, timeout=10, skip_utf8_validation=True)
+    ws.settimeout(RECV_POLL_S)
+    return ws
+
+
+class IdleSockets:
+    """WebSockets to ComfyUI between jobs, with the client id each was opened under."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._idle: list[tuple[str, websocket.WebSocket]] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[str, websocket.WebSocket] | None:
+        """An open socket with nothing left to read from earlier jobs, or None."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                client_id, ws = self._idle.pop()
+            if _drained(ws):
+                return client_id, ws
+            ws.close()
+
+    def give(self, client_id: str, ws: websocket.WebSocket) -> None:
+        with self._lock:
+            if len(self._idle) < self.keep:
+                self._idle.append((client_id, ws))
+                return
+        ws.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for _, ws in idle:
+            ws.close()
+
+
+def _drained(ws: websocket.WebSocket) -> bool:
+    """Read what arrived while the socket was idle (broadcasts, late messages of earlier
+    prompts); False when the server closed or broke it meanwhile."""
+    sock = ws.sock
+    if sock is None:
+        return False
+    try:
+        while select.select([sock], [], [], 0)[0]:
+            if ws.recv() == "":  # a close frame (ComfyUI's text messages are never empty)
+                return False
+    except (*SOCKET_ERRORS, ValueError, TypeError):
+        return False
+    return bool(ws.connected)
 
 
 @dataclass
@@ -51,6 +115,8 @@ class Outcome:
 
 
 class PromptRun:
+    ws: websocket.WebSocket
+
     def __init__(
         self,
         client: ComfyClient,
@@ -60,6 +126,7 @@ class PromptRun:
         on_message: OnMessage,
         on_output: OnOutput,
         abort: threading.Event | None = None,
+        sockets: IdleSockets | None = None,
     ) -> None:
         self.client = client
         self.supervisor = supervisor
@@ -70,6 +137,7 @@ class PromptRun:
         self.deadline = deadline
         self.on_message = on_message
         self.on_output = on_output
+        self.sockets = sockets
         self.client_id = uuid.uuid4().hex
         self.prompt_id = str(uuid.uuid4())
         # Whether ComfyUI said our prompt ended (or never ran): until then it may still be
@@ -80,33 +148,42 @@ class PromptRun:
         self._exec_start_ms: int | None = None
         self._exec_end_ms: int | None = None
         self._started_at: float | None = None
-        self._seen_outputs: set[str] = set()
+        self._seen_outputs: dict[str, dict[str, Any]] = {}
+        self._dropped = False  # the socket dropped once: messages may have been lost
 
     def run(self, graph: dict[str, Any]) -> Outcome:
-        ws = self._connect()
+        taken = self.sockets.take() if self.sockets is not None else None
+        if taken is not None:
+            self.client_id, self.ws = taken
+        else:
+            self.ws = self._connect()
+        reusable = False
         try:
             try:
                 prompt_id = self.client.queue_prompt(graph, self.client_id, self.prompt_id)
             except JobError:
                 self.finished = True  # refused: it never entered the queue
+                reusable = True
                 raise
             except requests.RequestException as exc:
                 lost(self.supervisor, exc)
             logs.event(log, "prompt queued", prompt_id=prompt_id)
-            return self._follow(ws, prompt_id)
+            outcome = self._follow(prompt_id)
+            reusable = True
+            return outcome
         finally:
-            ws.close()
+            if reusable and self.sockets is not None:
+                self.sockets.give(self.client_id, self.ws)
+            else:
+                self.ws.close()
 
     def _connect(self) -> websocket.WebSocket:
-        url = f"{self.client.ws_url}?clientId={self.client_id}"
         try:
-            ws = websocket.create_connection(url, timeout=10)
+            return connect(f"{self.client.ws_url}?clientId={self.client_id}")
         except (OSError, websocket.WebSocketException) as exc:
             lost(self.supervisor, exc)
-        ws.settimeout(RECV_POLL_S)
-        return ws
 
-    def _follow(self, ws: websocket.WebSocket, prompt_id: str) -> Outcome:
+    def _follow(self, prompt_id: str) -> Outcome:
         last_message = time.monotonic()
         while True:
             if self.stop_reason is None and (reason := self._stop_reason()) is not None:
@@ -116,7 +193,7 @@ class PromptRun:
             if self._stop_sent_at is not None and time.monotonic() - self._stop_sent_at > STOP_GRACE_S:
                 return self._outcome(prompt_id, "interrupted", confirmed=False)
             try:
-                raw = ws.recv()
+                raw = self.ws.recv()
             except websocket.WebSocketTimeoutException:
                 self.supervisor.raise_if_exited("during the job")
                 if time.monotonic() - last_message > RECONCILE_AFTER_S:
@@ -124,9 +201,10 @@ class PromptRun:
                     if (done := self._reconcile(prompt_id)) is not None:
                         return done
                 continue
-            except (OSError, websocket.WebSocketException):
+            except SOCKET_ERRORS:
                 logs.event(log, "websocket dropped, reconnecting", prompt_id=prompt_id)
-                ws = self._reconnect(ws)
+                self._dropped = True
+                self.ws = self._reconnect(self.ws)
                 if (done := self._reconcile(prompt_id)) is not None:
                     return done
                 continue
@@ -153,7 +231,7 @@ class PromptRun:
             self._exec_start_ms = data.get("timestamp")
             self._started_at = time.monotonic()
         elif kind == "executed" and data.get("node") is not None:
-            self._seen_outputs.add(str(data["node"]))
+            self._seen_outputs[str(data["node"])] = data.get("output") or {}
             self.on_output(str(data["node"]), data.get("output") or {})
         elif kind == "execution_success":
             self._exec_end_ms = data.get("timestamp")
@@ -164,7 +242,10 @@ class PromptRun:
             self._exec_end_ms = data.get("timestamp")
             return self._outcome(prompt_id, "interrupted")
         elif kind == "executing" and data.get("node") is None:
-            return self._outcome(prompt_id, "success")
+            # Every message reached us: the outputs are the `executed` ones (ComfyUI sends
+            # one for a cached output node too), just what /history would list.
+            seen = None if self._dropped else {"outputs": dict(self._seen_outputs)}
+            return self._outcome(prompt_id, "success", entry=seen)
         return None
 
     def _outcome(self, prompt_id: str, status: Literal["success", "error", "interrupted"],
@@ -178,7 +259,7 @@ class PromptRun:
         # and any that arrived only in /history (after a reconnect) are announced now.
         for node, output in outputs.items():
             if node not in self._seen_outputs:
-                self._seen_outputs.add(node)
+                self._seen_outputs[node] = output
                 self.on_output(node, output)
         return Outcome(
             prompt_id=prompt_id,

@@ -11,8 +11,10 @@ import requests
 
 from .. import logs
 from ..config import Settings
+from ..errors import backend, validation
 from ..model_paths import CONFIG_NAME, write_extra_model_paths
 from .comfyui import ComfyClient, FileRef
+from .comfyui_job import IdleSockets
 from .process import ServerProcess, Supervisor
 
 log = logs.get("comfyui")
@@ -44,6 +46,7 @@ class ComfyServer:
         else:
             raise ValueError("set DIFFBOX_COMFYUI_DIR (a ComfyUI install to start) or DIFFBOX_COMFYUI_URL")
         self.client = ComfyClient(url)
+        self.sockets = IdleSockets()
         self.supervisor = Supervisor("comfyui", self.client.probe, process)
         self.input_dir, self.output_dir, self.temp_dir = self._folders(settings)
         # Prompts of ended jobs that ComfyUI may still run: prompt id -> the job's folder.
@@ -73,6 +76,23 @@ class ComfyServer:
         if not path.is_relative_to(root.resolve()) or not path.is_file():
             return None
         return path
+
+    def put_input(self, name: str, data: bytes, subfolder: str) -> None:
+        """A job's input file into `subfolder` of ComfyUI's input folder: written there when
+        the folder is on this disk (what /upload/image would do, without the request)."""
+        if self.input_dir is None:
+            self.client.upload_image(name, data, subfolder)
+            return
+        folder = self.input_dir / subfolder
+        path = folder / name
+        if path.parent != folder or not folder.resolve().is_relative_to(self.input_dir.resolve()):
+            raise validation(f"images: {name!r} is not a plain file name")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        except OSError as exc:
+            raise backend(f"could not write input {name!r} into ComfyUI's input folder: "
+                          f"{exc.strerror or type(exc).__name__}") from None
 
     def remove_job_files(self, subfolder: str) -> None:
         """A job's inputs and outputs, where ComfyUI's folders are on this disk."""

@@ -22,6 +22,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import TEST_INPUT, ComfyTarget, RunpodApi, free_port, start_runpod_api, worker_env
+from tests.jobkit import wait_until
 from tests.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 
 TTL_S = 3600
@@ -73,12 +74,14 @@ def key_of(s3_uri: str) -> str:
 
 
 def assert_job_files_removed(comfy: ComfyTarget, api: RunpodApi, job_id: str) -> None:
-    """The job's inputs and outputs left neither ComfyUI's folders nor the worker's."""
+    """The job's inputs and outputs left neither ComfyUI's folders nor the worker's (ComfyUI's
+    are removed just after the result is handed back)."""
     assert not (worker_dir(api) / job_id).exists()
     if comfy.base_dir is not None:
+        base = comfy.base_dir
         for folder in ("input", "output"):
             # A job's folder is named after its id (and a per-run suffix).
-            assert not list((comfy.base_dir / folder / "diffbox").glob(f"{job_id}*")), folder
+            wait_until(lambda: not list((base / folder / "diffbox").glob(f"{job_id}*")), 5, f"{folder} removed")
 
 
 def worker_dir(api: RunpodApi) -> Path:
