@@ -78,10 +78,9 @@ def assert_job_files_removed(comfy: ComfyTarget, api: RunpodApi, job_id: str) ->
     are removed just after the result is handed back)."""
     assert not (worker_dir(api) / job_id).exists()
     if comfy.base_dir is not None:
-        base = comfy.base_dir
-        for folder in ("input", "output"):
-            # A job's folder is named after its id (and a per-run suffix).
-            wait_until(lambda: not list((base / folder / "diffbox").glob(f"{job_id}*")), 5, f"{folder} removed")
+        # A job's folder is named after its id (and a per-run suffix).
+        folders = [comfy.base_dir / folder / "diffbox" for folder in ("input", "output")]
+        wait_until(lambda: not any(list(f.glob(f"{job_id}*")) for f in folders), 5, "job folders removed")
 
 
 def worker_dir(api: RunpodApi) -> Path:
