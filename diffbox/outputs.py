@@ -7,7 +7,6 @@ import mimetypes
 from pathlib import Path
 from typing import Any
 
-import av
 from PIL import Image
 
 _VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
@@ -61,6 +60,8 @@ def _image_info(path: Path) -> dict[str, Any]:
 
 
 def _video_info(path: Path) -> dict[str, Any]:
+    import av  # here: about 17 MB resident, needed only once a job outputs a video
+
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]

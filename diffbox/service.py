@@ -31,7 +31,6 @@ from .config import Settings
 from .errors import JobError, backend, validation
 from .media import InputImage, decode_image
 from .progress import Emit, ProgressTracker
-from .s3 import S3Store
 from .schemas import OutputOptions
 from .storage import OutputUploads, choose_store, object_key
 from .workflows import RAW, Workflow, check_models, parse
@@ -50,7 +49,11 @@ class Service:
         self.settings = settings
         self.comfy = ComfyServer(settings) if "comfyui" in settings.backends else None
         self.vllm = VllmServer(settings) if "vllm" in settings.backends else None
-        self.s3 = S3Store(settings.s3) if settings.s3 is not None else None
+        self.s3 = None
+        if settings.s3 is not None:
+            from .s3 import S3Store  # here: boto3 is about 6 MB resident, its S3 client 13 more
+
+            self.s3 = S3Store(settings.s3)
         self.url_policy = urls.UrlPolicy(allow_private=settings.allow_private_urls)
         self._warmup_timings: dict[str, float] = {}
 
@@ -294,6 +297,7 @@ class _Job:
         except Exception as exc:  # clean-up must never mask the job's own result
             logs.event(log, "could not drop prompt from ComfyUI history", level=30,
                        prompt_id=run.prompt_id, error=type(exc).__name__)
+            comfy.disown(run.prompt_id, self.ctx.subfolder)  # the next job tries again
 
 
 def _execution_error(error: dict[str, Any]) -> JobError:

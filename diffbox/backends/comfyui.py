@@ -122,7 +122,10 @@ class ComfyClient:
 
     def forget(self, prompt_id: str) -> None:
         """Drop the prompt from ComfyUI's in-memory history (it grows for the worker's life)."""
-        self.http.post(self._url("/history"), json={"delete": [prompt_id]}, timeout=HTTP_TIMEOUT_S)
+        response = self.http.post(self._url("/history"), json={"delete": [prompt_id]}, timeout=HTTP_TIMEOUT_S)
+        # ComfyUI answers an empty 200; anything else did not come from its history route.
+        if response.status_code != 200 or response.content:
+            raise ValueError(f"ComfyUI answered HTTP {response.status_code} to the history delete")
 
     def download(self, ref: FileRef, dest: Path) -> Path:
         """Stream one output file to `dest` (when ComfyUI's folders are not on this disk)."""

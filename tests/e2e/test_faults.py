@@ -115,9 +115,11 @@ async def test_comfyui_refusing_connections_on_a_warm_worker_fails_the_job_as_ba
 ) -> None:
     service = Service(settings(comfy, tmp_path, startup_timeout_s=10))
     before = await warm(service)
+    # Gone: the WebSocket the worker keeps between jobs is cut, and nothing new is accepted.
     set_fault(comfy.url, "refuse", duration_s=3)
+    set_fault(comfy.url, "drop_ws")
     time.sleep(0.2)
-    # The worker believed ComfyUI ready; its first request (the upload) finds it gone.
+    # The worker believed ComfyUI ready; its first connection finds it gone.
     result, elapsed = await timed(service.run("refused-warm", invert_job(IMAGE)))
     assert result["error"]["type"] == "backend", result
     assert result["error"]["message"].startswith("lost the connection to ComfyUI")
@@ -193,14 +195,16 @@ async def test_garbage_answers_fail_the_job_as_backend(comfy: ComfyTarget, tmp_p
     before.assert_nothing_left(comfy, tmp_path / "work", "garbage", "next")
 
 
-async def test_garbage_once_the_prompt_runs_fails_the_job_and_the_prompt_is_cleaned_up(
+async def test_garbage_once_the_prompt_runs_leaves_the_job_done_and_the_prompt_cleaned_up(
     comfy: ComfyTarget, tmp_path: Path
 ) -> None:
     service = Service(settings(comfy, tmp_path))
     before = await warm(service)
     set_fault(comfy.url, "garbage_http", on="prompt", duration_s=3)
     result, elapsed = await timed(service.run("garbage-mid", {"workflow": sampler_graph(4)}))
-    assert result["error"]["type"] == "backend", result
+    # Once its prompt runs, a job needs no HTTP answer (its messages and outputs come over the
+    # WebSocket): it succeeds; the clean-up that meets the garbage is left to the next job.
+    assert "error" not in result, result
     assert elapsed < 5
     time.sleep(3)
     await succeeds(service)
