@@ -26,6 +26,9 @@ TAIL_LINES = 40
 # A server that answered once and now has not for this long, its process alive, is hung (a
 # deadlocked node, a wedged driver): it is restarted, or every later job would wait for it.
 HUNG_AFTER_S = 60.0
+# How often a starting server is probed: a job waiting for it is sent within this of its
+# first answer. A refused connection on loopback costs next to nothing.
+PROBE_EVERY_S = 0.02
 
 
 class ServerProcess:
@@ -161,7 +164,7 @@ class Supervisor:
                         "(DIFFBOX_STARTUP_TIMEOUT_S)",
                         {"log_tail": self.process.tail()} if self.process else None,
                     )
-                time.sleep(0.25)
+                time.sleep(PROBE_EVERY_S)
             self._ready = self._answered = True
             logs.event(log, "backend ready", backend=self.name, wait_s=logs.since(t0))
 
