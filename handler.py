@@ -19,16 +19,16 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-# The SDK logs each job's output (presigned URLs) and progress at DEBUG, its default level.
-os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
-
-import runpod  # after the line above: the SDK reads RUNPOD_LOG_LEVEL on import
-
 from diffbox.errors import as_text
 from diffbox.runtime import service
 
+# Before the SDK's import (a second or more): the backends boot meanwhile.
 SERVICE = service()
 
+# The SDK logs each job's output (presigned URLs) and progress at DEBUG, its default level.
+os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+
+import runpod  # noqa: E402  after the line above: the SDK reads RUNPOD_LOG_LEVEL on import
 
 # Progress goes to RunPod's job-status API, which exists only where RunPod runs the worker:
 # in the SDK's local modes each update would be a failed POST to a placeholder URL.

@@ -130,7 +130,7 @@ async def test_bad_request_is_refused_before_queuing(comfy: ComfyTarget, tmp_pat
                                                          "frames": 80})
     assert result["error"] == {"type": "validation", "message": "frames: must be 4n+1 between 5 and 161, got 80",
                                "details": [{"field": "frames", "message": "must be 4n+1 between 5 and 161, got 80"}]}
-    assert _history_size(comfy) == before
+    assert _history_size(comfy) <= before  # (an earlier job's entry may go meanwhile)
 
 
 async def test_endpoint_serves_only_its_workflows(comfy: ComfyTarget, tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ async def test_missing_weights_fail_before_queuing(comfy: ComfyTarget, tmp_path:
     assert error["message"].startswith("missing model files for svi:quality under")
     assert {(m["folder"], m["file"]) for m in error["details"]["missing"]} == {
         (f.folder, f.name) for f in manifest.load().required("svi", "quality")}
-    assert _history_size(comfy) == before  # nothing reached ComfyUI
+    assert _history_size(comfy) <= before  # nothing reached ComfyUI (an earlier job's entry may go meanwhile)
 
 
 async def test_svi_cancelled_after_clip_2_keeps_clips_1_and_2(comfy: ComfyTarget, tmp_path: Path) -> None:
