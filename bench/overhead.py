@@ -471,7 +471,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20, help="small jobs per worker and store")
     parser.add_argument("--video-jobs", type=int, default=3, help="video jobs per worker (0: none)")
     parser.add_argument("--video-size", type=int, default=512, help="video width and height")
-    parser.add_argument("--video-frames", type=int, default=100)
+    parser.add_argument("--video-frames", type=int, default=230, help="frames (230 at 512x512: about 31 MB)")
     parser.add_argument("--official-src", type=Path, help="a clone of worker-comfyui (default: cloned here)")
     parser.add_argument("--profile", action="store_true", help="profile our small jobs instead")
     parser.add_argument("--cold-start", type=Path, metavar="COMFYUI_INSTALL",

@@ -12,6 +12,7 @@ import functools
 
 from . import logs
 from .config import Settings
+from .memory import release_free_memory
 from .service import Service
 
 
@@ -24,4 +25,5 @@ def service() -> Service:
     atexit.register(instance.stop)
     instance.start()
     instance.warm_up()  # before the platform hands this worker a job
+    release_free_memory()  # what start-up and warm-up freed
     return instance

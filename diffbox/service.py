@@ -30,6 +30,7 @@ from .backends.vllm import VllmServer
 from .config import Settings
 from .errors import JobError, backend, validation
 from .media import InputImage, decode_image
+from .memory import release_free_memory
 from .progress import Emit, ProgressTracker
 from .schemas import OutputOptions
 from .storage import OutputUploads, choose_store, object_key
@@ -298,6 +299,7 @@ class _Job:
             logs.event(log, "could not drop prompt from ComfyUI history", level=30,
                        prompt_id=run.prompt_id, error=type(exc).__name__)
             comfy.disown(run.prompt_id, self.ctx.subfolder)  # the next job tries again
+        release_free_memory()
 
 
 def _execution_error(error: dict[str, Any]) -> JobError:
