@@ -47,7 +47,9 @@ class ComfyServer:
             raise ValueError("set DIFFBOX_COMFYUI_DIR (a ComfyUI install to start) or DIFFBOX_COMFYUI_URL")
         self.client = ComfyClient(url)
         self.sockets = IdleSockets()
-        self.supervisor = Supervisor("comfyui", self.client.probe, process)
+        # Probed often while it starts: a refused connection on loopback costs next to nothing,
+        # and an early job goes out as soon as it answers.
+        self.supervisor = Supervisor("comfyui", self.client.probe, process, probe_every_s=0.02)
         self.input_dir, self.output_dir, self.temp_dir = self._folders(settings)
         # Prompts of ended jobs that ComfyUI may still run: prompt id -> the job's folder.
         self._orphans: dict[str, str] = {}

@@ -26,9 +26,6 @@ TAIL_LINES = 40
 # A server that answered once and now has not for this long, its process alive, is hung (a
 # deadlocked node, a wedged driver): it is restarted, or every later job would wait for it.
 HUNG_AFTER_S = 60.0
-# How often a starting server is probed: a job waiting for it is sent within this of its
-# first answer. A refused connection on loopback costs next to nothing.
-PROBE_EVERY_S = 0.02
 
 
 class ServerProcess:
@@ -120,9 +117,12 @@ class ServerProcess:
 class Supervisor:
     """Readiness and restart policy for one backend, shared by ComfyUI and vLLM."""
 
-    def __init__(self, name: str, probe: Callable[[], bool], process: ServerProcess | None) -> None:
+    def __init__(self, name: str, probe: Callable[[], bool], process: ServerProcess | None,
+                 probe_every_s: float = 0.25) -> None:
         self.name = name
         self.probe = probe
+        # A job waiting for a starting server is sent within this of the server's first answer.
+        self.probe_every_s = probe_every_s
         self.process = process
         self._lock = threading.Lock()
         self._ready = False
@@ -164,7 +164,7 @@ class Supervisor:
                         "(DIFFBOX_STARTUP_TIMEOUT_S)",
                         {"log_tail": self.process.tail()} if self.process else None,
                     )
-                time.sleep(PROBE_EVERY_S)
+                time.sleep(self.probe_every_s)
             self._ready = self._answered = True
             logs.event(log, "backend ready", backend=self.name, wait_s=logs.since(t0))
 
