@@ -9,6 +9,8 @@ from typing import Any
 
 from PIL import Image
 
+from . import mp4
+
 _VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 _AUDIO_EXTENSIONS = {".flac", ".mp3", ".wav", ".ogg", ".opus", ".m4a"}
 _IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -60,7 +62,9 @@ def _image_info(path: Path) -> dict[str, Any]:
 
 
 def _video_info(path: Path) -> dict[str, Any]:
-    import av  # here: about 17 MB resident, needed only once a job outputs a video
+    if path.suffix.lower() in mp4.ISO_BMFF_EXTENSIONS and (indexed := mp4.video_info(path)) is not None:
+        return indexed
+    import av  # here: about 17 MB resident, kept once imported; MP4s (ComfyUI's) do without
 
     try:
         with av.open(str(path)) as container:
