@@ -298,6 +298,9 @@ def run_bench(setup: Setup, workers: dict[str, Worker], jobs: int, video_jobs: i
         _alternate(video, ["official", "ours"], video_jobs, results, warm_up=False)
         peaks = {name: workers[name].rss()["VmHWM"] - before_video[name] for name in ("official", "ours-s3")}
     history.forget()
+    if setup.comfy_dir is not None:  # the official worker leaves its outputs in ComfyUI's folder
+        for path in (setup.comfy_dir / "output").glob("bench-official*"):
+            path.unlink()
     _report(results, idle, after_small, peaks, jobs, video_jobs)
 
 

@@ -65,11 +65,12 @@ class S3Store:
         part = settings.part_size_mb * MB
         self.transfer = create_transfer_manager(
             self.client,
-            TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+            TransferConfig(multipart_threshold=settings.multipart_threshold_mb * MB, multipart_chunksize=part,
                            max_concurrency=settings.max_concurrency, use_threads=True),
         )
         logs.event(log, "s3 storage", bucket=settings.bucket, endpoint=settings.endpoint_url,
                    region=settings.region, part_size_mb=settings.part_size_mb,
+                   multipart_threshold_mb=settings.multipart_threshold_mb,
                    concurrency=settings.max_concurrency)
 
     def put(self, path: Path, key: str, content_type: str) -> dict[str, Any]:

@@ -51,7 +51,8 @@ def bucket(s3_server: S3Server) -> str:
 def s3_api(comfyui: ComfyTarget, s3_server: S3Server, bucket: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunpodApi]:
     api = _start(comfyui, tmp_path_factory.mktemp("s3-worker"), **s3_server.env(
-        bucket, DIFFBOX_S3_PREFIX="renders", DIFFBOX_S3_URL_TTL_S=str(TTL_S), DIFFBOX_S3_PART_SIZE_MB="5"))
+        bucket, DIFFBOX_S3_PREFIX="renders", DIFFBOX_S3_URL_TTL_S=str(TTL_S), DIFFBOX_S3_PART_SIZE_MB="5",
+        DIFFBOX_S3_MULTIPART_THRESHOLD_MB="5"))
     yield api
     api.stop()
     assert_no_secrets(api.logs())

@@ -70,7 +70,7 @@ def test_put_uploads_with_content_type_and_presigned_url(s3_server: S3Server, bu
 
 
 def test_large_file_goes_in_multipart_parts(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
-    store = store_for(s3_server, bucket, part_size_mb=5)
+    store = store_for(s3_server, bucket, part_size_mb=5, multipart_threshold_mb=5)
     path = write(tmp_path / "big.mp4", 11 * 1024 * 1024 + 123)
     fields = store.put(path, "job-2/big.mp4", "video/mp4")
     head = s3_server.client().head_object(Bucket=bucket, Key="job-2/big.mp4")
