@@ -8,12 +8,14 @@
 Both workers run as the RunPod SDK's local API (`--rp_serve_api`) against the same ComfyUI and
 are sent the same jobs over `/runsync`, alternating (the order flips every round, so neither
 always runs after the other). The official worker (runpod-workers/worker-comfyui at a pinned
-commit, see official_worker.py) runs unmodified in its own venv. Jobs:
+commit, see official_worker.py) runs unmodified in its own venv, twice: without and with its
+BUCKET_* settings; ours too, without and with S3 settings. Jobs:
 
 - small: a 64x64 PNG in, ImageInvert, SaveImage; inline base64 and to S3 (moto on loopback;
   the official worker's own BUCKET_* upload through runpod's rp_upload).
 - video: EmptyImage -> ImageAddNoise -> CreateVideo -> SaveVideo, an mp4 of about 31 MB (noise
-  does not compress); ours to S3, the official worker inline (base64 in the response).
+  does not compress; 230 frames of 512x512 on ComfyUI 0.3.64); ours to S3, the official worker
+  inline (base64 in the response).
 
 Overhead = time at the client minus ComfyUI's own execution time (its `execution_start` to
 `execution_success` timestamps: for the official worker from /history's status messages, for
@@ -21,6 +23,7 @@ ours from its result's `timings.comfyui_exec_s`, the same two timestamps). Each 
 job (filename prefix, noise seed) so ComfyUI runs it instead of answering from its cache. RSS is
 each worker process's: idle once started and after the small jobs, and its peak during the video
 jobs (/proc/PID/status VmHWM, reset through /proc/PID/clear_refs before them).
+`--cold-start` has our worker start ComfyUI itself and post a job as soon as its API answers.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from .workflows.base import JobContext, Plan
 from .workflows.raw import check_allowed
 
 log = logs.get("service")
+CLEANUP_DELAY_S = 0.05
 
 
 def _no_progress(_: dict[str, Any]) -> None:
@@ -277,7 +278,11 @@ class _Job:
             self.uploads.close()  # no upload may still be reading a file removed below
         shutil.rmtree(self.dir, ignore_errors=True)  # named after the job id, which a caller may reuse
         if later:
-            threading.Thread(target=self._release_comfyui, name=f"diffbox-cleanup-{self.ctx.job_id}").start()
+            # A moment later: the result's way out (the platform's event loop) needs the GIL
+            # too, and a clean-up competing for it would delay the result by milliseconds.
+            timer = threading.Timer(CLEANUP_DELAY_S, self._release_comfyui)
+            timer.name = f"diffbox-cleanup-{self.ctx.job_id}"
+            timer.start()
         else:
             self._release_comfyui()
 
