@@ -18,9 +18,11 @@ from .throttle import Throttle
 
 Emit = Callable[[dict[str, Any]], None]
 
-# Stage bands of the percent scale; running gets nearly all of it.
+# Stage bands of the percent scale; running gets nearly all of it. A stopped job's last update
+# (STOPPED) keeps the percent where it stopped.
 _BANDS = {"starting": (0.0, 2.0), "inputs": (2.0, 4.0), "queued": (4.0, 5.0),
-          "running": (5.0, 95.0), "uploading": (95.0, 99.0)}
+          "running": (5.0, 95.0), "uploading": (95.0, 99.0), "cancelled": (0.0, 0.0), "timeout": (0.0, 0.0)}
+STOPPED = ("cancelled", "timeout")
 STEP_WEIGHT = 1.0
 DEFAULT_STEPS = 20
 # Relative cost in "sampler steps" of the node classes that are not samplers.

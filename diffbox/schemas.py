@@ -56,7 +56,7 @@ class Progress(BaseModel):
     """One progress update (DESIGN.md section 4); callers keep the highest `seq`."""
 
     seq: int
-    stage: Literal["starting", "inputs", "queued", "running", "uploading"]
+    stage: Literal["starting", "inputs", "queued", "running", "uploading", "cancelled", "timeout"]
     percent: float
     node: str | None = None
     step: int | None = None

@@ -30,7 +30,7 @@ from .backends.vllm import VllmServer
 from .config import Settings
 from .errors import JobError, backend, validation
 from .media import InputImage, decode_image
-from .progress import Emit, ProgressTracker
+from .progress import STOPPED, Emit, ProgressTracker
 from .s3 import S3Store
 from .schemas import OutputOptions
 from .storage import OutputUploads, choose_store, object_key
@@ -117,6 +117,9 @@ class Service:
         except JobError as err:
             logs.event(log, "job failed", job_id=job_id, workflow=job.workflow_name,
                        error_type=err.type, error=err.message, total_s=logs.since(t0))
+            if err.type in STOPPED:
+                # A stopped job's last update says why it stopped (a caller may keep only the last).
+                job.progress.stage(err.type)
             return err.to_dict()
         finally:
             job.clean_up()
@@ -200,7 +203,7 @@ class _Job:
             if run.stop_reason == "aborted":
                 self._store()  # raises the failed output's own error: why the prompt was stopped
             try:
-                partial = self._store()
+                partial = self._store(announce=False)
             except JobError:
                 partial = []  # why the job stopped matters more than a lost partial output
             details = {"outputs": partial} if partial else None
@@ -253,10 +256,12 @@ class _Job:
             return {"images": images, **plan.settings, "timings": self.timings}
         return {"workflow": workflow.name, **plan.settings, "outputs": stored, "timings": self.timings}
 
-    def _store(self) -> list[dict[str, Any]]:
-        """Wait for every output's upload, in report order (most are done by now)."""
+    def _store(self, announce: bool = True) -> list[dict[str, Any]]:
+        """Wait for every output's upload, in report order (most are done by now). A stopped
+        job's partial outputs are stored without `announce`: its percent stays where it stopped."""
         assert self.uploads is not None
-        self.progress.stage("uploading")
+        if announce:
+            self.progress.stage("uploading")
         t0 = time.monotonic()
         stored = self.uploads.results()
         self.timings["upload_s"] = logs.since(t0)
