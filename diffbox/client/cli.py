@@ -32,8 +32,9 @@ CANCEL_WAIT_S = 30.0
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", default=os.environ.get("DIFFBOX_ENDPOINT"),
-                        help="a RunPod endpoint id, a base URL with RunPod's API (the local --rp_serve_api server, "
-                             "the Modal web endpoint), or modal:APP/CLASS; default DIFFBOX_ENDPOINT")
+                        help="a RunPod endpoint id, a base URL with RunPod's API (`python -m diffbox serve`, "
+                             "the Modal web endpoint), modal:APP/CLASS, or local (a worker in this process, "
+                             "from the DIFFBOX_* settings); default DIFFBOX_ENDPOINT")
     parser.add_argument("--api-key", help="default DIFFBOX_API_KEY (URLs), else RUNPOD_API_KEY")
     parser.add_argument("--input", help="a whole request as JSON: a file, or '-' for stdin; a RunPod body "
                                         "({\"input\": ...}) and a bare ComfyUI graph work too; flags override it")

@@ -77,12 +77,14 @@ class RunDisplay:
                           f"{sha}… ok" if index < len(paths) and sha else sha)
         self.out.print(table)
         if paths:
-            self.out.print(f"saved in {paths[0].parent}", markup=False)
+            self.out.print(f"saved in {paths[0].parent.resolve()}", markup=False)
         facts: dict[str, Any] = {k: result[k] for k in ("workflow", "seed", "preset", "steps") if k in result}
-        if isinstance(timings := result.get("timings"), dict) and "total_s" in timings:
-            facts["total"] = f"{timings['total_s']} s"
         if facts:
             self.out.print("  ".join(f"{k}: {v}" for k, v in facts.items()), markup=False)
+        if isinstance(timings := result.get("timings"), dict) and timings:
+            # The worker's own figures: inputs_s, queue_s, inference_s, upload_s, total_s, ...
+            self.out.print("timings: " + "  ".join(f"{k.removesuffix('_s')} {v} s" for k, v in timings.items()),
+                           markup=False)
 
     def write(self, text: str) -> None:
         sys.stdout.write(text)
