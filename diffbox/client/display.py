@@ -67,11 +67,13 @@ class RunDisplay:
             self._json({"id": job.id, "status": job.status, "result": _without_inline_data(result),
                         "files": [str(p) for p in paths]})
             return
+        names = [paths[i].name if i < len(paths) else str(e.get("filename", "")) for i, e in enumerate(outputs)]
         table = Table(title=f"job {job.id}: {job.status}", title_justify="left")
-        for column in ("file", "kind", "size", "media", "sha256"):
+        # A file's name is never cut short or broken: it is how the user finds the file.
+        table.add_column("file", min_width=max(map(len, names), default=4), no_wrap=True)
+        for column in ("kind", "size", "media", "sha256"):
             table.add_column(column, justify="right" if column == "size" else "left")
-        for index, entry in enumerate(outputs):
-            name = paths[index].name if index < len(paths) else str(entry.get("filename", ""))
+        for index, (name, entry) in enumerate(zip(names, outputs, strict=True)):
             sha = str(entry.get("sha256", ""))[:12]
             table.add_row(name, str(entry.get("kind", "")), decimal(int(entry.get("bytes") or 0)), _media(entry),
                           f"{sha}… ok" if index < len(paths) and sha else sha)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import requests
+from rich.filesize import decimal
 
 from diffbox.client import Client
 from tests.conftest import REPO, TEST_INPUT, WORKER_LOGS, ComfyTarget, free_port, worker_env
@@ -177,3 +178,29 @@ def test_sigterm_stops_the_server_and_its_comfyui(comfy: ComfyTarget, tmp_path: 
     assert server.stop() == 0
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/queue", timeout=2)
+
+
+def _make_run_argv(out: Path) -> list[str]:
+    """The command of the Makefile's `run` recipe, with outputs going to `out`."""
+    [line] = [line for line in (REPO / "Makefile").read_text().splitlines() if "python -m diffbox run" in line]
+    args = line.split("python -m diffbox run", 1)[1].replace("$(RUN_OUT)", str(out)).split()
+    return [*CLI, "run", *args]
+
+
+def test_make_run_saves_the_outputs_and_prints_a_summary(comfy: ComfyTarget, tmp_path: Path) -> None:
+    """`make run`'s job on a worker in the command's own process (`--endpoint local`)."""
+    out = tmp_path / "out"
+    log_path = tmp_path / "run.log"
+    WORKER_LOGS.append(log_path)
+    done = subprocess.run(_make_run_argv(out), cwd=REPO, env=worker_env(comfy, tmp_path / "work"),
+                          capture_output=True, text=True, timeout=120)
+    log_path.write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stderr
+    saved = sorted(out.iterdir())
+    assert [p.suffix for p in saved] == [".mp4", ".png"]
+    for path in saved:
+        # Each file once in the summary, with its size; no base64 anywhere.
+        assert done.stdout.count(path.name) == 1 and decimal(path.stat().st_size) in done.stdout
+    assert f"saved in {out}" in done.stdout and "timings: inputs" in done.stdout and "total" in done.stdout
+    assert TEST_INPUT["input"]["images"][0]["image"][:40] not in done.stdout + done.stderr
+    assert len(done.stdout) < 2000, done.stdout
