@@ -29,13 +29,18 @@ DESCRIBE = """
 import dataclasses, json, warnings
 warnings.simplefilter("ignore")
 import modal_app as m
+from modal._partial_function import _PartialFunctionFlags as F, _find_partial_methods_for_user_cls
 
 def spec(function):
     s = function._spec_
     return {"gpu": s.gpus, "volumes": {str(k): repr(v) for k, v in s.volumes.items()},
             "secrets": [repr(x) for x in s.secrets]}
 
+def enter(flag):
+    return list(_find_partial_methods_for_user_cls(m.Worker._get_user_cls(), flag))
+
 print(json.dumps({"app": m.app.name, "methods": sorted(m.Worker._get_method_names()),
+                  "enter": {"snapshot": enter(F.ENTER_PRE_SNAPSHOT), "restore": enter(F.ENTER_POST_SNAPSHOT)},
                   "worker": spec(m.Worker._get_class_service_function()), "web": spec(m.web),
                   "download": spec(m.download_models), "config": dataclasses.asdict(m.CONFIG)}))
 """
@@ -69,6 +74,19 @@ def test_defaults_define_the_gpu_class_web_api_and_download() -> None:
     assert config["scaledown_s"] == 300
     # Modal's bound covers the backends' start and the worker's own job timeout.
     assert config["timeout_s"] == 900 + 3600 + 300
+    # Memory snapshots: one hook before the snapshot, one after each restore; GPU ones opt-in.
+    assert config["snapshot"] and not config["gpu_snapshot"]
+    assert d["enter"] == {"snapshot": ["prepare"], "restore": ["start"]}
+
+
+def test_snapshots_can_be_turned_off_or_extended_to_the_gpu() -> None:
+    off = describe(DIFFBOX_MODAL_SNAPSHOT="0", DIFFBOX_MODAL_GPU_SNAPSHOT="1")
+    assert not off["config"]["snapshot"] and not off["config"]["gpu_snapshot"]
+    # Modal refuses a `snap=True` hook without snapshots: both run at start, in this order.
+    assert off["enter"] == {"snapshot": [], "restore": ["prepare", "start"]}
+    gpu = describe(DIFFBOX_MODAL_GPU_SNAPSHOT="1")
+    assert gpu["config"]["snapshot"] and gpu["config"]["gpu_snapshot"]
+    assert gpu["enter"] == {"snapshot": ["prepare"], "restore": ["start"]}
 
 
 def test_deploy_environment_chooses_gpu_secrets_and_worker_settings() -> None:
