@@ -87,6 +87,10 @@ class DeployConfig:
     snapshot: bool
     gpu_snapshot: bool
 
+    @property
+    def snapshot_kind(self) -> runtime.Snapshot:
+        return "gpu" if self.gpu_snapshot else "cpu" if self.snapshot else "none"
+
 
 def deploy_config(env: Mapping[str, str]) -> DeployConfig:
     def get(name: str, default: str = "") -> str:
@@ -211,12 +215,12 @@ class Worker:
     # snapshots are off). See runtime.py for what goes in which.
     @modal.enter(snap=CONFIG.snapshot)
     def prepare(self) -> None:
-        self.service = runtime.prepare(booted=CONFIG.gpu_snapshot)
+        self.service = runtime.prepare(CONFIG.snapshot_kind)
 
     @modal.enter()
     def start(self) -> None:
         # The backends (and the warm-up), once per container, before its first input.
-        runtime.start(self.service, booted=CONFIG.gpu_snapshot)
+        runtime.start(self.service, CONFIG.snapshot_kind)
 
     @modal.exit()
     def stop(self) -> None:

@@ -21,11 +21,15 @@ from typing import Any
 
 import psutil
 import pytest
+from modal._partial_function import _find_callables_for_obj
+from modal._partial_function import _PartialFunctionFlags as F
 
 import modal_app
 from diffbox import runtime
+from diffbox.backends import comfyui_preload
 from diffbox.jobs import run_job
-from tests.conftest import REPO, TEST_INPUT, ComfyTarget, worker_env
+from tests.conftest import REPO, TEST_INPUT, ComfyTarget, free_port, worker_env
+from tests.fakes.comfyui import write_comfyui_dir
 from tests.fakes.modal_stubs import FakeDict
 from tests.s3 import S3Server
 
@@ -164,7 +168,7 @@ def test_gpu_snapshot_phase_closes_its_connections_to_comfyui(comfyui: ComfyTarg
                 if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
 
     before = to_comfyui()  # other tests' clients in this process
-    instance = runtime.prepare(booted=True)
+    instance = runtime.prepare("gpu")
     try:
         assert to_comfyui() - before == set()
         # Not vacuous: a request leaves its connection in the client's pool until dropped.
@@ -172,9 +176,45 @@ def test_gpu_snapshot_phase_closes_its_connections_to_comfyui(comfyui: ComfyTarg
         assert to_comfyui() - before
         instance.drop_connections()
         assert to_comfyui() - before == set()
-        runtime.start(instance, booted=True)
+        runtime.start(instance, "gpu")
         result = run_job(instance, "job-1", TEST_INPUT["input"], lambda _: None)
         assert "error" not in result, result
         assert result["images"]
     finally:
         instance.stop()
+
+
+def test_cpu_snapshot_phase_holds_comfyui_half_started_without_a_gpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the worker starts ComfyUI (here the fake's main.py, in a folder laid out like
+    ComfyUI's), the snapshot phase leaves its process waiting with no GPU visible and not yet
+    serving; the restore phase lets that same process finish, and a job runs on it."""
+    comfy_dir = tmp_path / "ComfyUI"
+    write_comfyui_dir(comfy_dir)
+    port = free_port()
+    for name in list(os.environ):
+        if name.startswith(("DIFFBOX_", "RUNPOD_", "BUCKET_")):
+            monkeypatch.delenv(name)
+    for name, value in {"DIFFBOX_COMFYUI_DIR": str(comfy_dir), "DIFFBOX_COMFYUI_PORT": str(port),
+                        "DIFFBOX_MODELS_DIR": str(comfy_dir / "models"), "DIFFBOX_WORK_DIR": str(tmp_path / "work"),
+                        "DIFFBOX_COMFYUI_ARGS": "--cpu", "DIFFBOX_STARTUP_TIMEOUT_S": "60"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(modal_app, "progress", FakeDict())
+    worker = modal_app.Worker._get_user_cls()()
+    for hook in _find_callables_for_obj(worker, F.ENTER_PRE_SNAPSHOT).values():
+        hook()
+    try:
+        process = worker.service.comfy.supervisor.process
+        held = psutil.Process(process.pid)
+        environ = dict(e.split("=", 1) for e in Path(f"/proc/{held.pid}/environ").read_text().split("\0") if e)
+        assert environ["CUDA_VISIBLE_DEVICES"] == ""
+        assert comfyui_preload.READY in process.tail()
+        assert held.net_connections("inet") == []  # not listening yet: ComfyUI's server is the second half
+        for hook in _find_callables_for_obj(worker, F.ENTER_POST_SNAPSHOT).values():
+            hook()
+        result = _find_callables_for_obj(worker, F.CALLABLE_INTERFACE)["run"](TEST_INPUT["input"])
+        assert "error" not in result, result
+        assert result["images"]
+        assert process.pid == held.pid and held.is_running()  # the held process finished its start
+    finally:
+        worker.service.stop()
