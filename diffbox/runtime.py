@@ -21,6 +21,7 @@ import atexit
 import functools
 import os
 import random
+import time
 from collections.abc import Mapping
 from typing import Literal
 
@@ -46,6 +47,7 @@ def service() -> Service:
 
 def prepare(snapshot: Snapshot = "none") -> Service:
     """Phase one (Modal: `@modal.enter(snap=True)`), for the kind of snapshot taken after it."""
+    t0 = time.monotonic()
     logs.setup()
     instance = Service(Settings.from_env(without_storage(os.environ)))
     # The backends run in sessions of their own, so no signal to the worker reaches them:
@@ -61,12 +63,13 @@ def prepare(snapshot: Snapshot = "none") -> Service:
         comfy.supervisor.ensure_ready(instance.settings.startup_timeout_s)
         instance.warm_up()
         instance.drop_connections()
-    logs.event(log, "start phase done", phase="prepare", snapshot=snapshot)
+    logs.event(log, "start phase done", phase="prepare", snapshot=snapshot, seconds=logs.since(t0))
     return instance
 
 
 def start(instance: Service, snapshot: Snapshot = "none") -> None:
     """Phase two (Modal: `@modal.enter()`, after every restore), `snapshot` as `prepare` had it."""
+    t0 = time.monotonic()
     # A restored container would otherwise replay the snapshot's sequence (botocore's retry
     # jitter, any library's choices) in step with every other container restored from it.
     random.seed()
@@ -79,7 +82,7 @@ def start(instance: Service, snapshot: Snapshot = "none") -> None:
     instance.start()  # what is not running yet
     if snapshot != "gpu":
         instance.warm_up()  # before the platform hands this worker a job
-    logs.event(log, "start phase done", phase="start", snapshot=snapshot)
+    logs.event(log, "start phase done", phase="start", snapshot=snapshot, seconds=logs.since(t0))
 
 
 def without_storage(env: Mapping[str, str]) -> dict[str, str]:
