@@ -100,13 +100,14 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self._reader = threading.Thread(target=self._read, name=f"{self.name}-log", daemon=True)
+        # Its own process's pipe: `_popen` may be replaced (a restart) or cleared before it runs.
+        self._reader = threading.Thread(target=self._read, args=(self._popen,), name=f"{self.name}-log", daemon=True)
         self._reader.start()
         logs.event(log, "backend started", backend=self.name, pid=self._popen.pid, held=hold)
 
-    def _read(self) -> None:
-        assert self._popen is not None and self._popen.stdout is not None
-        for raw in self._popen.stdout:
+    def _read(self, popen: subprocess.Popen[bytes]) -> None:
+        assert popen.stdout is not None
+        for raw in popen.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
             if line == self._ready_line:
                 self._held.set()

@@ -315,11 +315,10 @@ def test_gpu_snapshot_phase_closes_its_connections_to_comfyui(comfyui: ComfyTarg
         instance.stop()
 
 
-def test_cpu_snapshot_phase_holds_comfyui_half_started_without_a_gpu(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the worker starts ComfyUI (here the fake's main.py, in a folder laid out like
-    ComfyUI's), the snapshot phase leaves its process waiting with no GPU visible and not yet
-    serving; the restore phase lets that same process finish, and a job runs on it."""
+@pytest.fixture
+def comfyui_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Modal container's environment where the worker starts ComfyUI itself: here the fake's
+    main.py, in a folder laid out like ComfyUI's (returned)."""
     comfy_dir = tmp_path / "ComfyUI"
     write_comfyui_dir(comfy_dir)
     as_container(monkeypatch, {"DIFFBOX_COMFYUI_DIR": str(comfy_dir), "DIFFBOX_COMFYUI_PORT": str(free_port()),
@@ -327,9 +326,19 @@ def test_cpu_snapshot_phase_holds_comfyui_half_started_without_a_gpu(
                                "DIFFBOX_WORK_DIR": str(tmp_path / "work"), "DIFFBOX_COMFYUI_ARGS": "--cpu",
                                "DIFFBOX_STARTUP_TIMEOUT_S": "60"})
     monkeypatch.setattr(modal_app, "progress", FakeDict())
-    worker = modal_app.Worker._get_user_cls()()
-    for hook in _find_callables_for_obj(worker, F.ENTER_PRE_SNAPSHOT).values():
+    return comfy_dir
+
+
+def enter(worker: Any, phase: int) -> None:
+    for hook in _find_callables_for_obj(worker, phase).values():
         hook()
+
+
+def test_cpu_snapshot_phase_holds_comfyui_half_started_without_a_gpu(comfyui_to_start: Path) -> None:
+    """The snapshot phase leaves ComfyUI's process waiting with no GPU visible and not yet
+    serving; the restore phase lets that same process finish, and a job runs on it."""
+    worker = modal_app.Worker._get_user_cls()()
+    enter(worker, F.ENTER_PRE_SNAPSHOT)
     try:
         process = worker.service.comfy.supervisor.process
         held = psutil.Process(process.pid)
@@ -337,11 +346,25 @@ def test_cpu_snapshot_phase_holds_comfyui_half_started_without_a_gpu(
         assert environ["CUDA_VISIBLE_DEVICES"] == ""
         assert comfyui_preload.READY in process.tail()
         assert held.net_connections("inet") == []  # not listening yet: ComfyUI's server is the second half
-        for hook in _find_callables_for_obj(worker, F.ENTER_POST_SNAPSHOT).values():
-            hook()
+        enter(worker, F.ENTER_POST_SNAPSHOT)
         result = _find_callables_for_obj(worker, F.CALLABLE_INTERFACE)["run"](TEST_INPUT["input"])
         assert "error" not in result, result
         assert result["images"]
         assert process.pid == held.pid and held.is_running()  # the held process finished its start
+    finally:
+        worker.service.stop()
+
+
+def test_a_failed_preload_leaves_comfyui_to_start_whole_after_the_restore(comfyui_to_start: Path) -> None:
+    # ComfyUI's own prologue failing in the first half (this one cannot import `comfy`).
+    (comfyui_to_start / "cuda_malloc.py").write_text("")
+    worker = modal_app.Worker._get_user_cls()()
+    enter(worker, F.ENTER_PRE_SNAPSHOT)
+    try:
+        assert not worker.service.comfy.supervisor.process.started()
+        enter(worker, F.ENTER_POST_SNAPSHOT)
+        result = _find_callables_for_obj(worker, F.CALLABLE_INTERFACE)["run"](TEST_INPUT["input"])
+        assert "error" not in result, result
+        assert comfyui_preload.READY not in worker.service.comfy.supervisor.process.tail()
     finally:
         worker.service.stop()
