@@ -57,7 +57,7 @@ def _preload() -> list[str]:
     except ImportError:
         return queried
     count = torch._C._cuda_getDeviceCount
-    importing = ["torch"]
+    importing = [""]
 
     def guard() -> int:
         queried.append(importing[0])

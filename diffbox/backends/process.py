@@ -77,7 +77,7 @@ class ServerProcess:
         if self._popen is None or self._popen.stdin is None:
             return
         with contextlib.suppress(OSError):  # it died: the supervisor sees the exit code
-            self._popen.stdin.write(json.dumps(dict(os.environ)).encode() + b"\n")
+            self._popen.stdin.write(json.dumps(self._environment()).encode() + b"\n")
             self._popen.stdin.close()
         self._popen.stdin = None
 
@@ -86,7 +86,7 @@ class ServerProcess:
         # (vLLM's engine core does, holding gigabytes of memory) and must go first.
         self._kill_group()
         self._tail.clear()
-        env = {**os.environ, **(self.env or {})}
+        env = self._environment()
         if hold:
             env["CUDA_VISIBLE_DEVICES"] = ""
         # A new session makes the server and its children (vLLM spawns workers) one group
@@ -104,6 +104,9 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read, args=(self._popen,), name=f"{self.name}-log", daemon=True)
         self._reader.start()
         logs.event(log, "backend started", backend=self.name, pid=self._popen.pid, held=hold)
+
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, **(self.env or {})}
 
     def _read(self, popen: subprocess.Popen[bytes]) -> None:
         assert popen.stdout is not None
