@@ -79,20 +79,17 @@ def test_defaults_define_the_gpu_class_web_api_and_download() -> None:
     assert d["enter"] == {"snapshot": ["prepare"], "restore": ["start"]}
 
 
-def test_snapshots_can_be_turned_off_or_extended_to_the_gpu() -> None:
+def test_snapshots_can_be_turned_off() -> None:
     off = describe(DIFFBOX_MODAL_SNAPSHOT="0", DIFFBOX_MODAL_GPU_SNAPSHOT="1")
     assert not off["config"]["snapshot"] and not off["config"]["gpu_snapshot"]
     # Modal refuses a `snap=True` hook without snapshots: both run at start, in this order.
     assert off["enter"] == {"snapshot": [], "restore": ["prepare", "start"]}
-    gpu = describe(DIFFBOX_MODAL_GPU_SNAPSHOT="1")
-    assert gpu["config"]["snapshot"] and gpu["config"]["gpu_snapshot"]
-    assert gpu["enter"] == {"snapshot": ["prepare"], "restore": ["start"]}
 
 
 def test_deploy_environment_chooses_gpu_secrets_and_worker_settings() -> None:
     d = describe(DIFFBOX_MODAL_GPU="H100, A100-80GB", DIFFBOX_MODAL_S3_SECRET="my-s3",
                  DIFFBOX_MODAL_HF_SECRET="my-hf", DIFFBOX_MODAL_API_SECRET="", DIFFBOX_MODAL_SCALEDOWN_S="60",
-                 DIFFBOX_WORKFLOWS="i2v", DIFFBOX_JOB_TIMEOUT_S="600",
+                 DIFFBOX_WORKFLOWS="i2v", DIFFBOX_JOB_TIMEOUT_S="600", DIFFBOX_MODAL_GPU_SNAPSHOT="1",
                  DIFFBOX_COMFYUI_URL="http://127.0.0.1:8188", DIFFBOX_API_KEY="local-secret")
     worker, config = d["worker"], d["config"]
     assert worker["gpu"] == ["H100", "A100-80GB"]
@@ -101,6 +98,8 @@ def test_deploy_environment_chooses_gpu_secrets_and_worker_settings() -> None:
     assert d["download"]["secrets"] == ["modal.Secret.from_name('my-hf')"]
     assert d["web"]["secrets"] == []
     assert config["scaledown_s"] == 60 and config["timeout_s"] == 900 + 600 + 300
+    assert config["snapshot"] and config["gpu_snapshot"]
+    assert d["enter"] == {"snapshot": ["prepare"], "restore": ["start"]}
     env = config["worker_env"]
     assert env["DIFFBOX_WORKFLOWS"] == "i2v" and env["DIFFBOX_JOB_TIMEOUT_S"] == "600"
     # The deploying machine's own servers, paths and secrets stay there.
