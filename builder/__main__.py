@@ -36,12 +36,15 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         entries = [{"key": f.key, "repo": f.repo, "revision": f.revision, "path": f.path, "folder": f.folder,
                  "size": f.size, "sha256": f.sha256} for f in files]
-        print(json.dumps({"files": entries, "total_bytes": sum(f.size for f in files)}, indent=1))
+        print(json.dumps({"files": entries, "total_bytes": sum(f.size or 0 for f in files)}, indent=1))
         return 0
-    rows = [[f.repo, f.revision, f.path, f.folder, weights.human_size(f.size)] for f in files]
+    rows = [[f.repo, f.revision, f.path, f.folder, "unknown" if f.size is None else weights.human_size(f.size)]
+            for f in files]
     print(weights.table(["repo", "revision", "path", "folder", "size"], rows))
-    print(f"\n{len(files)} files, {weights.human_size(sum(f.size for f in files))} "
-          f"({sum(f.size for f in files)} bytes)")
+    known = sum(f.size or 0 for f in files)
+    unknown = sum(f.size is None for f in files)
+    print(f"\n{len(files)} files, {weights.human_size(known)} ({known} bytes)"
+          + (f" plus {unknown} of unknown size" if unknown else ""))
     return 0
 
 
@@ -58,7 +61,7 @@ def _download(args: argparse.Namespace) -> int:
         except Exception as exc:
             problems.append([repo, revision, "(snapshot)", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"])
     write_extra_model_paths(dest, dest / CONFIG_NAME, (f.folder for f in files))
-    fetched = sum(o.file.size for o in outcomes if o.status == "downloaded")
+    fetched = sum(o.file.local_path(dest).stat().st_size for o in outcomes if o.status == "downloaded")
     placed = sum(o.status != "failed" for o in outcomes)
     print(f"{placed} of {len(outcomes)} files in place under {dest} ({weights.human_size(fetched)} fetched now)")
     if problems:
@@ -72,7 +75,7 @@ def _verify(args: argparse.Namespace) -> int:
     bad = [c for c in checks if not c.ok]
     shown = checks if args.all else bad
     if shown:
-        rows = [[c.status, f"{c.file.folder}/{c.file.name}", str(c.file.size),
+        rows = [[c.status, f"{c.file.folder}/{c.file.name}", "" if c.file.size is None else str(c.file.size),
                  "" if c.actual_size is None else str(c.actual_size), c.detail] for c in shown]
         print(weights.table(["status", "file", "expected bytes", "bytes", "detail"], rows))
     print(f"{len(checks) - len(bad)} of {len(checks)} files ok under {args.dest}")

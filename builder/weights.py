@@ -160,8 +160,10 @@ def _describe_http_error(exc: HfHubHTTPError) -> str:
 def _fetch(file: ModelFile, dest: Path, token: str | None, endpoint: str | None, progress: _Progress) -> Outcome:
     t0 = time.monotonic()
     final = file.local_path(dest)
-    if final.is_file() and final.stat().st_size == file.size:
-        progress.finish(file.key, file.size, skipped=True)
+    # A final file only ever appears complete (downloads go to a partial first), so without a
+    # known size its presence is enough.
+    if final.is_file() and file.size in (None, final.stat().st_size):
+        progress.finish(file.key, final.stat().st_size, skipped=True)
         return Outcome(file, "present")
     url = hf_hub_url(file.repo, file.path, revision=file.revision, endpoint=endpoint)
     headers = build_hf_headers(token=token)
@@ -169,9 +171,10 @@ def _fetch(file: ModelFile, dest: Path, token: str | None, endpoint: str | None,
         meta = get_hf_file_metadata(url, token=token, endpoint=endpoint, retry_on_errors=True)
     except HfHubHTTPError as exc:
         return Outcome(file, "failed", _describe_http_error(exc))
-    if meta.size is not None and meta.size != file.size:
+    if meta.size is not None and file.size is not None and meta.size != file.size:
         return Outcome(file, "failed", f"the manifest says {file.size} bytes, the Hub has {meta.size} "
                                        f"(commit {meta.commit_hash}): fix the manifest's size or revision")
+    size = file.size if file.size is not None else meta.size
     etag = meta.etag or ""
     expected_sha = file.sha256 or (etag if _SHA256.fullmatch(etag) else None)
     partial = partial_path(final, etag)
@@ -187,16 +190,16 @@ def _fetch(file: ModelFile, dest: Path, token: str | None, endpoint: str | None,
     try:
         with partial.open("ab") as f:
             done = f.tell()
-            if done > file.size:
+            if size is not None and done > size:
                 f.truncate(0)
                 done = 0
-            http_get(meta.location, f, resume_size=done, headers=headers, expected_size=file.size,
+            http_get(meta.location, f, resume_size=done, headers=headers, expected_size=size,
                      displayed_filename=file.name, tqdm_class=silent_tqdm)
         if expected_sha and (actual := sha256_file(partial)) != expected_sha:
             partial.unlink()
             return Outcome(file, "failed", f"sha256 mismatch: expected {expected_sha}, got {actual}")
         partial.replace(final)
-        fetched = file.size
+        fetched = final.stat().st_size
     except HfHubHTTPError as exc:
         return Outcome(file, "failed", _describe_http_error(exc))
     except OSError as exc:
@@ -220,7 +223,7 @@ def download(
 ) -> list[Outcome]:
     """Fetch every file not already complete under `dest`, `workers` at a time; one failure
     does not stop the others."""
-    progress = _Progress(sum(f.size for f in files))
+    progress = _Progress(sum(f.size or 0 for f in files))
     outcomes: list[Outcome] = []
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fetch") as pool:
         pending = {pool.submit(_fetch_or_fail, f, dest, token, endpoint, progress) for f in files}
@@ -253,6 +256,8 @@ def _outcome_line(outcome: Outcome) -> str:
         return f"FAILED  {where}: {outcome.file.repo}@{outcome.file.revision} {outcome.file.path}: {outcome.detail}"
     if outcome.status == "present":
         return f"present {where}"
+    if outcome.file.size is None:
+        return f"fetched {where} ({outcome.seconds:.0f} s)"
     rate = outcome.file.size / outcome.seconds / 1e6 if outcome.seconds else 0.0
     return f"fetched {where} ({human_size(outcome.file.size)}, {outcome.seconds:.0f} s, {rate:.0f} MB/s)"
 
@@ -290,7 +295,7 @@ def verify(files: list[ModelFile], dest: Path, *, hashes: bool = True) -> Iterat
             yield Check(f, "missing", None, "partial download present" if partials else "")
             continue
         size = path.stat().st_size
-        if size != f.size:
+        if f.size is not None and size != f.size:
             yield Check(f, "wrong size", size)
         elif not hashes or f.sha256 is None:
             yield Check(f, "ok", size, "size only" if f.sha256 is None else "hash not checked")

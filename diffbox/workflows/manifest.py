@@ -24,7 +24,7 @@ class ModelFile:
     revision: str
     path: str
     folder: str
-    size: int
+    size: int | None  # None where no source gave one (workflows/README.md)
     sha256: str | None
 
     @property
