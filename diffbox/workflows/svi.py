@@ -99,7 +99,7 @@ def plan(request: SviRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
     for k, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True), start=1):
         segments.append(_add_clip(b, request, start.sampling, k, prompt, seed, ctx, result))
     if len(prompts) > 1:
-        joined = b.add("CreateVideo", "create_joined", images=_join(b, segments, request.overlap),
+        joined = b.add("CreateVideo", "create_joined", images=join_clips(b, segments, request.overlap),
                        fps=float(request.fps))
         b.add("SaveVideo", "save_joined", video=joined, filename_prefix=ctx.output_prefix("svi"),
               format="mp4", codec="h264")
@@ -134,12 +134,16 @@ def _add_clip(b: GraphBuilder, request: SviRequest, sampling: Sampling, k: int, 
     return b.out("decode" + sfx)
 
 
-def _join(b: GraphBuilder, segments: list[Link], overlap: int) -> Link:
-    # A balanced tree of two-input joins, where the example chains them: ComfyUI keeps every
-    # node's output for the whole prompt, so a chain would hold O(clips^2) frames in memory, a
-    # tree O(clips log clips). A join blends only the `overlap` frames at its seam, the last of
-    # its left side (one clip's end) with the first of its right side (the next clip's start),
-    # so the tree gives the chain's frames whenever a clip has at least 2 * overlap frames.
+def join_clips(b: GraphBuilder, segments: list[Link], overlap: int) -> Link:
+    """Join clips' frames, each clip's first `overlap` frames cross-faded into the previous
+    clip's last ones; returns the link to the joined frames.
+
+    A balanced tree of two-input joins, where the example chains them: ComfyUI keeps every
+    node's output for the whole prompt, so a chain would hold O(clips^2) frames in memory, a
+    tree O(clips log clips). A join blends only the `overlap` frames at its seam, the last of
+    its left side (one clip's end) with the first of its right side (the next clip's start),
+    so the tree gives the chain's frames whenever a clip has at least 2 * overlap frames.
+    """
     level = 0
     while len(segments) > 1:
         level += 1
