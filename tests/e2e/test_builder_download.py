@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from builder.weights import partial_path
+from builder.weights import human_size, partial_path
 from tests.conftest import REPO
 from tests.fakes.hf_hub import FakeHub, serve_fake_hub
 
@@ -125,6 +125,23 @@ def test_checksum_mismatch_and_404_are_reported_with_repo_and_path(hub: FakeHub,
     assert (dest / "diffusion_models" / "big.safetensors").read_bytes() == BIG
     assert not (dest / "loras" / "lora.safetensors").exists()
     assert not list(dest.rglob("*.incomplete"))
+
+
+def test_a_file_of_unknown_size_is_fetched_and_verified_by_its_hash(hub: FakeHub, tmp_path: Path) -> None:
+    manifest, dest = _manifest(tmp_path, lora={"size": None}), tmp_path / "models"
+    plan = _builder(hub, "plan", "--workflows", "i2v", "--presets", "fast", "--manifest", manifest)
+    assert plan.returncode == 0, plan.stderr
+    assert f"3 files, {human_size(len(BIG) + len(VAE))} ({len(BIG) + len(VAE)} bytes) plus 1 of unknown size" in \
+        plan.stdout
+    result = _builder(hub, "download", "--manifest", manifest, "--workflows", "i2v", "--presets", "fast",
+                      "--dest", dest)
+    assert result.returncode == 0, result.stderr
+    assert (dest / "loras" / "lora.safetensors").read_bytes() == LORA
+    verify = _builder(hub, "verify", "--manifest", manifest, "--workflows", "i2v", "--presets", "fast", "--all",
+                      "--dest", dest)
+    assert verify.returncode == 0, verify.stdout
+    [row] = [line for line in verify.stdout.splitlines() if "loras/lora.safetensors" in line]
+    assert row.split()[0] == "ok" and row.split()[-1] == "sha256"
 
 
 def test_chat_model_is_fetched_as_a_snapshot(hub: FakeHub, tmp_path: Path) -> None:
