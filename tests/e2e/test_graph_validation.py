@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import shutil
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from diffbox.media import InputImage
 from diffbox.workflows import parse
 from diffbox.workflows.base import JobContext
 from tests.conftest import ComfyTarget
+from tests.fakes.comfyui import start_fake_comfyui
 from tests.unit.workflow_cases import CASES
 
 # The input that names a weight file, per loader class.
@@ -54,6 +56,18 @@ def _expected_refusal(comfyui: ComfyTarget, node: dict[str, Any], error: dict[st
     newer = NEWER_OPTIONS.get((node["class_type"], name))
     return newer is not None and node["inputs"][name] == newer and newer not in _options(
         comfyui, node["class_type"], name)
+
+
+@pytest.fixture(scope="module")
+def comfyui(comfyui: ComfyTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyTarget]:
+    """The real ComfyUI under test; in place of the session's fake (where other tests install
+    stand-in weights), a fake of our own with none."""
+    if not comfyui.is_fake:
+        yield comfyui
+        return
+    base_dir = tmp_path_factory.mktemp("comfyui-no-weights")
+    with start_fake_comfyui(base_dir) as fake:
+        yield ComfyTarget(fake.url, base_dir, is_fake=True)
 
 
 @pytest.mark.parametrize(("case", "payload"), CASES, ids=[c for c, _ in CASES])
