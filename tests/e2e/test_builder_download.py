@@ -215,6 +215,11 @@ def test_a_gated_repo_without_token_names_hf_token(hub: FakeHub, tmp_path: Path)
     assert "org/gated is gated: accept its terms on its Hub page, then set HF_TOKEN" in result.stderr
     assert (dest / "vae" / "vae.safetensors").read_bytes() == VAE
 
+    no_access = _builder(hub, "download", "--manifest", manifest, "--workflows", "i2v", "--presets", "fast",
+                         "--dest", dest, token="hf_someone_else")
+    assert no_access.returncode == 1
+    assert "org/gated is gated and the token in HF_TOKEN has no access" in no_access.stderr
+
     with_token = _builder(hub, "download", "--manifest", manifest, "--workflows", "i2v", "--presets", "fast",
                           "--dest", dest)
     assert with_token.returncode == 0, with_token.stderr

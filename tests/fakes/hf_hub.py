@@ -7,8 +7,8 @@ as huggingface.co does, so the real client runs against it unchanged (`HF_ENDPOI
   sends it no token) with `X-Linked-Etag` (the content's sha256), `X-Linked-Size` and an
   `ETag`; other files are answered directly with their git blob id as ETag.
 - Errors as the Hub sends them, with `X-Error-Code`: 401 `RepoNotFound` (unknown repos answer
-  401, not 404, to anonymous callers), 401 `GatedRepo` without a token that has access, 404
-  `RevisionNotFound`, 404 `EntryNotFound`.
+  401, not 404, to anonymous callers), `GatedRepo` (401 without a token, 403 with one that has
+  no access), 404 `RevisionNotFound`, 404 `EntryNotFound`.
 - The CDN honours `Range` (206, `Content-Range`), refuses a request that also carries an
   `Authorization` header (as S3 does for a signed URL), and can be told to flip a byte of a
   blob (`corrupt`) or to drop the connection part way through once (`drop_after`).
@@ -143,9 +143,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._error(401, "RepoNotFound", "Repository not found", body)
                 return None
             token = self.headers.get("Authorization", "").removeprefix("Bearer ")
-            if repo.gated and token not in hub.tokens:
+            if repo.gated and not token:
                 self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it "
                                               "and be authenticated to access it. Please log in.", body)
+                return None
+            if repo.gated and token not in hub.tokens:
+                self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
+                                              f"authorized list. Visit {hub.url}/{repo_id} to ask for access.", body)
                 return None
             commit = repo.main if rev == "main" else rev
             if commit not in repo.commits:

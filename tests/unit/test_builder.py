@@ -188,3 +188,12 @@ def _argv(server: ComfyServer) -> list[str]:
     process = server.supervisor.process
     assert process is not None
     return process.argv
+
+
+def test_the_disk_space_check_counts_what_the_hub_reports(tmp_path: Path) -> None:
+    f = manifest_module.ModelFile("unet", "org/wan", "main", "split/unet.safetensors", "diffusion_models", 1)
+    fits = weights._Job(f, "main", None, remote=weights.Remote("c" * 40, 1000, None))
+    weights._check_space([fits], tmp_path)
+    huge = weights._Job(f, "main", None, remote=weights.Remote("c" * 40, 10**18, None))
+    with pytest.raises(BuildError, match=r"free; the files to fetch need 1000000\.0 TB \(1000000000000001000 bytes"):
+        weights._check_space([fits, huge], tmp_path)
