@@ -204,6 +204,21 @@ def test_locked_refuses_a_lock_made_for_another_manifest(hub: FakeHub, tmp_path:
     assert "vae: the lock has org/wan@main" in refused.stderr and "the manifest org/wan@v2" in refused.stderr
 
 
+def test_locked_takes_a_small_git_file_whose_hash_only_the_bytes_give(hub: FakeHub, tmp_path: Path) -> None:
+    # Files kept in git (not LFS) have no sha256 from the Hub: the lock's is the bytes'.
+    hub.add("org/loras", "config.json", b'{"rank": 128}')
+    manifest = _manifest(tmp_path, cfg={"repo": "org/loras", "path": "config.json", "folder": "loras"})
+    first, second = tmp_path / "a" / "models", tmp_path / "b" / "models"
+    made = _builder(hub, "download", "--manifest", manifest, "--workflows", "i2v", "--presets", "fast",
+                    "--dest", first)
+    assert made.returncode == 0, made.stderr
+    assert _lock(first)["cfg"]["sha256"] == sha(b'{"rank": 128}')
+    again = _builder(hub, "download", "--manifest", manifest, "--workflows", "i2v", "--presets", "fast",
+                     "--locked", first / "weights.lock.json", "--dest", second)
+    assert again.returncode == 0, again.stderr
+    assert (second / "loras" / "config.json").read_bytes() == b'{"rank": 128}'
+
+
 def test_a_gated_repo_without_token_names_hf_token(hub: FakeHub, tmp_path: Path) -> None:
     hub.add("org/gated", "g.safetensors", b"g" * 1000, gated=True)
     hub.tokens.add(TOKEN)
