@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
 
-from huggingface_hub import get_hf_file_metadata, get_token, hf_hub_download, hf_hub_url
+from huggingface_hub import constants, get_hf_file_metadata, get_token, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -119,9 +119,10 @@ class Remote:
 
 def describe_hub_error(exc: Exception, repo: str, revision: str) -> str:
     if isinstance(exc, GatedRepoError):
+        page = f"{constants.ENDPOINT}/{repo}"
         if get_token() is None:
-            return f"{repo} is gated: accept its terms on its Hub page, then set HF_TOKEN (no token was given)"
-        return f"{repo} is gated and the token in HF_TOKEN has no access: accept its terms on its Hub page"
+            return f"{repo} is gated: accept its terms at {page}, then set HF_TOKEN (no token was given)"
+        return f"{repo} is gated and the token in HF_TOKEN has no access: accept its terms at {page}"
     if isinstance(exc, RevisionNotFoundError):
         return f"revision {revision} not found in {repo}"
     if isinstance(exc, RemoteEntryNotFoundError):

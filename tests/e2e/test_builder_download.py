@@ -227,7 +227,7 @@ def test_a_gated_repo_without_token_names_hf_token(hub: FakeHub, tmp_path: Path)
     result = _builder(hub, "download", "--manifest", manifest, "--workflows", "i2v", "--presets", "fast",
                       "--dest", dest, token=None)
     assert result.returncode == 1
-    assert "org/gated is gated: accept its terms on its Hub page, then set HF_TOKEN" in result.stderr
+    assert f"org/gated is gated: accept its terms at {hub.url}/org/gated, then set HF_TOKEN" in result.stderr
     assert (dest / "vae" / "vae.safetensors").read_bytes() == VAE
 
     no_access = _builder(hub, "download", "--manifest", manifest, "--workflows", "i2v", "--presets", "fast",
