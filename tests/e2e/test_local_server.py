@@ -36,13 +36,13 @@ def _long_graph(comfy: ComfyTarget, seconds: int) -> dict[str, Any]:
     """A graph that runs for about `seconds` on `comfy` and reports progress as it goes."""
     if comfy.is_fake:
         return sampler_graph(int(seconds / STEP_DELAY_S))
-    # A 512x512 image blurred again and again, 0.3 to 0.8 s a node on a CPU. Few heavy nodes
-    # rather than many light ones: ComfyUI's progress_state messages carry every node of the
-    # graph, so their traffic grows with the square of its size. The colour differs from run
-    # to run, or ComfyUI would answer from its cache.
+    # A 1024x1024 image blurred again and again: 0.7 s a node on an idle 2-core CPU, several
+    # times that under load. Few heavy nodes rather than many light ones: ComfyUI's
+    # progress_state messages carry every node of the graph, so their traffic grows with the
+    # square of its size. The colour differs from run to run, or ComfyUI would answer from its cache.
     nodes = seconds * 2
     graph: dict[str, Any] = {"0": {"class_type": "EmptyImage", "inputs": {
-        "width": 512, "height": 512, "batch_size": 1, "color": random.randrange(1 << 24)}}}
+        "width": 1024, "height": 1024, "batch_size": 1, "color": random.randrange(1 << 24)}}}
     for n in range(1, nodes + 1):
         graph[str(n)] = {"class_type": "ImageBlur", "inputs": {"image": [str(n - 1), 0], "blur_radius": 15,
                                                                "sigma": 1.0}}
