@@ -9,7 +9,8 @@ import random
 import struct
 
 
-def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]], metadata: dict[str, str] | None = None) -> bytes:
+def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]],
+                      metadata: dict[str, str] | None = None) -> bytes:
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     data = b""
     for name, (dtype, shape, raw) in tensors.items():

@@ -184,7 +184,7 @@ def test_locks_are_flock_per_open_file(tmp_path: Path) -> None:
     sha = _entry(cache, 1, 0)
     pin = cache.pin(sha)
     assert pin is not None
-    with (tmp_path / "diffbox-cache" / ".locks" / f"{sha}.lock").open("ab") as other:
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with (tmp_path / "diffbox-cache" / ".locks" / f"{sha}.lock").open("ab") as other, \
+            pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     pin.release()
