@@ -152,20 +152,47 @@ class Bounds:
 HostHeaders = Callable[[str], dict[str, str]]
 
 
+@dataclass(frozen=True)
+class Validators:
+    """What a server said identifies the version it sent (for a conditional request later)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+
+@dataclass(frozen=True)
+class Transfer:
+    size: int
+    validators: Validators
+    not_modified: bool  # a conditional request's 304: nothing went to the sink
+
+
 def stream(url: str, field: str, bounds: Bounds, policy: UrlPolicy, sink: Callable[[bytes], object],
            cancelled: Callable[[], bool] = lambda: False, host_headers: HostHeaders = lambda host: {},
-           on_length: Callable[[int | None], object] = lambda length: None) -> int:
-    """Hand the body of `url` to `sink` chunk by chunk (at most `bounds.max_bytes`); returns
-    its length. `on_length` hears the final hop's Content-Length before the first chunk."""
+           on_length: Callable[[int | None], object] = lambda length: None,
+           unless: Validators | None = None) -> Transfer:
+    """Hand the body of `url` to `sink` chunk by chunk (at most `bounds.max_bytes`). `on_length`
+    hears the final hop's Content-Length before the first chunk. With `unless`, the request is
+    conditional: a server that still has that version answers 304 and sends nothing."""
     t0 = time.monotonic()
     deadline = t0 + policy.total_timeout_s
+    conditional = unless.headers() if unless is not None else {}
     for _ in range(policy.max_redirects + 1):
         hop = _Hop.of(url, field, policy)
-        reader = _Reader(field, bounds, deadline, policy, cancelled, sink, on_length)
-        location = _get(hop, reader, host_headers(hop.host))
+        reader = _Reader(field, bounds, deadline, policy, cancelled, sink, on_length, bool(conditional))
+        location = _get(hop, reader, {**host_headers(hop.host), **conditional})
         if location is None:
-            logs.event(log, "fetched", host=hop.host, bytes=reader.size, elapsed_s=logs.since(t0))
-            return reader.size
+            logs.event(log, "fetched", host=hop.host, bytes=reader.size, not_modified=reader.not_modified,
+                       elapsed_s=logs.since(t0))
+            return Transfer(reader.size, reader.validators, reader.not_modified)
         url = urljoin(url, location)
     raise validation(f"{field}: more than {policy.max_redirects} redirects")
 
@@ -179,7 +206,10 @@ class _Reader:
     cancelled: Callable[[], bool]
     sink: Callable[[bytes], object]
     on_length: Callable[[int | None], object]
+    conditional: bool = False
     size: int = 0
+    not_modified: bool = False
+    validators: Validators = Validators()
 
 
 def _get(hop: _Hop, reader: _Reader, extra_headers: dict[str, str]) -> str | None:
@@ -225,6 +255,9 @@ def _read(response: urllib3.BaseHTTPResponse, hop: _Hop, reader: _Reader) -> str
         if not location:
             raise validation(f"{field}: {hop.host} redirected without a Location")
         return location
+    if response.status == 304 and reader.conditional:
+        reader.not_modified = True
+        return None
     if response.status != 200:
         raise validation(f"{field}: {hop.host} answered HTTP {response.status}")
     if response.headers.get("Content-Encoding", "identity").lower() != "identity":
@@ -235,6 +268,7 @@ def _read(response: urllib3.BaseHTTPResponse, hop: _Hop, reader: _Reader) -> str
     if known is not None and known > bounds.max_bytes:
         raise bounds.too_large
     reader.on_length(known)
+    reader.validators = Validators(response.headers.get("ETag"), response.headers.get("Last-Modified"))
     sock = getattr(response.connection, "sock", None)
     while True:
         if reader.cancelled():

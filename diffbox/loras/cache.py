@@ -38,7 +38,8 @@ SUFFIX = ".safetensors"
 class Pin:
     """A shared lock on one entry: while it is held, eviction leaves the entry alone."""
 
-    def __init__(self, handle: IO[bytes]) -> None:
+    def __init__(self, sha256: str, handle: IO[bytes]) -> None:
+        self.sha256 = sha256
         self._handle = handle
 
     def release(self) -> None:
@@ -76,17 +77,19 @@ class LoraCache:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
-    def lookup(self, key: str) -> str | None:
-        """The sha256 a source gave before, if that file is still here."""
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """What a source gave before (`sha256`, and what `remember` noted with it), if that file
+        is still here."""
         try:
-            sha256 = str(json.loads((self._index / f"{_digest(key)}.json").read_text())["sha256"])
-        except (OSError, ValueError, KeyError):
+            record = json.loads((self._index / f"{_digest(key)}.json").read_text())
+            sha256 = str(record["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        return sha256 if self.path(sha256).is_file() else None
+        return record if self.path(sha256).is_file() else None
 
-    def remember(self, key: str, sha256: str) -> None:
+    def remember(self, key: str, sha256: str, **noted: str | None) -> None:
         self._prepare()
-        _write_json(self._index / f"{_digest(key)}.json", {"sha256": sha256})
+        _write_json(self._index / f"{_digest(key)}.json", {"sha256": sha256, **noted})
 
     def pin(self, sha256: str) -> Pin | None:
         """Pin the entry for a job and mark it used; None when it is not (or no longer) here."""
@@ -97,7 +100,7 @@ class LoraCache:
         except FileNotFoundError:
             handle.close()
             return None
-        return Pin(handle)
+        return Pin(sha256, handle)
 
     def temp_path(self, key: str) -> Path:
         self._prepare()
@@ -121,7 +124,7 @@ class LoraCache:
         if source not in record["sources"]:
             record["sources"].append(source)
         _write_json(record_path, record)
-        return Pin(handle)
+        return Pin(sha256, handle)
 
     def evict(self) -> list[str]:
         """Remove least recently used entries until the cache fits its budget, skipping any a

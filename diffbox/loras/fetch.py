@@ -13,9 +13,10 @@ from ..config import Settings
 from ..errors import validation
 from ..outputs import sha256_file
 from ..s3 import S3Store
+from ..urls import Transfer, Validators
 from .cache import LoraCache, Pin
 from .header import NotALora, check_lora
-from .request import HfSource, HttpsSource, LoraEntry
+from .request import HfSource, HttpsSource, LoraEntry, Source
 from .sources import Bucket, Download, Hub, Limits, Web
 
 log = logs.get("loras")
@@ -65,70 +66,89 @@ class LoraFetcher:
              time_left_s: Callable[[], float]) -> Fetched:
         name = f"loras[{i}].source"
         source = entry.parsed
-        expected: str | None = None
-        keys: list[str] = []
-        download: Callable[[Download], None]
-        if isinstance(source, HfSource):
-            if source.pinned:
-                keys.append(Hub.pinned_key(source))
-                if (hit := self._hit(keys[0], source.describe(), job)) is not None:
-                    return hit
-            version = self.hub.version(source, name)
-            if version.sha256 is not None and (hit := self._pinned(version.sha256, source.describe(), job)):
-                self.cache.remember(version.key, version.sha256)
-                return hit
-            keys.append(version.key)
-            expected = version.sha256
-
-            def download(into: Download) -> None:
-                self.hub.fetch(source, version, into, name)
-        elif isinstance(source, HttpsSource):
-            keys.append(Web.key(source))
-
-            def download(into: Download) -> None:
-                self.web.fetch(source, into, name, cancelled, time_left_s())
-        else:
-            keys.append(self.bucket.version(source, name)[0])
-
-            def download(into: Download) -> None:
-                self.bucket.fetch(source, into, name)
-
-        with self.cache.source_lock(keys[-1]):
+        described = source.describe()
+        # A caller who names the bytes needs no request at all when the cache holds them.
+        if entry.sha256 is not None and (pin := self.cache.pin(entry.sha256)) is not None:
+            return self._hit(pin, described, job)
+        way = self._way(source, name, entry.sha256, job, cancelled, time_left_s)
+        if isinstance(way, Fetched):
+            return way
+        with self.cache.source_lock(way.keys[-1]):
             # Another worker may have fetched it while this one waited for the lock.
-            if (hit := self._hit(keys[-1], source.describe(), job)) is not None:
-                return hit
+            record = self.cache.lookup(way.keys[-1])
+            held = self.cache.pin(record["sha256"]) if record is not None else None
+            if held is not None:
+                job.pins.append(held)  # released with the job's, whatever happens next
+                if not way.revalidate:
+                    return self._cached(held.sha256, described)
+            unless = Validators(record.get("etag"), record.get("last_modified")) if held and record else None
             t0 = time.monotonic()
-            temp = self.cache.temp_path(keys[-1])
+            temp = self.cache.temp_path(way.keys[-1])
             try:
                 with Download(temp, Limits(self.max_bytes, name), on_bytes, cancelled) as into:
-                    download(into)
+                    transfer = way.download(into, unless if unless and unless.headers() else None)
+                if transfer is not None and transfer.not_modified and held is not None:
+                    return self._cached(held.sha256, described)
                 try:
                     check_lora(temp)
                 except NotALora as exc:
                     raise validation(f"{name}: {exc}") from None
                 sha256 = sha256_file(temp)
-                if expected is not None and sha256 != expected:
-                    raise validation(f"{name}: the download's sha256 {sha256} is not the announced {expected}")
+                if way.expected is not None and sha256 != way.expected:
+                    raise validation(f"{name}: the file's sha256 is {sha256}, not the expected {way.expected}")
                 size = temp.stat().st_size
-                job.pins.append(self.cache.add(temp, sha256, source.describe()))
+                job.pins.append(self.cache.add(temp, sha256, described))
             finally:
                 temp.unlink(missing_ok=True)
-            for key in keys:
-                self.cache.remember(key, sha256)
+            validators = transfer.validators if transfer is not None else Validators()
+            for key in way.keys:
+                self.cache.remember(key, sha256, etag=validators.etag, last_modified=validators.last_modified)
         logs.event(log, "lora downloaded", index=i, sha256=sha256, bytes=size, elapsed_s=logs.since(t0))
-        return Fetched(source.describe(), sha256, size, False, self.cache.comfy_name(sha256))
+        return Fetched(described, sha256, size, False, self.cache.comfy_name(sha256))
 
-    def _hit(self, key: str, described: str, job: JobLoras) -> Fetched | None:
-        sha256 = self.cache.lookup(key)
-        return self._pinned(sha256, described, job) if sha256 is not None else None
+    def _way(self, source: Source, name: str, expected: str | None, job: JobLoras, cancelled: Callable[[], bool],
+             time_left_s: Callable[[], float]) -> _Way | Fetched:
+        """How to fetch `source`, or the cached file when naming its version already found it."""
+        if isinstance(source, HfSource):
+            keys = []
+            if source.pinned:
+                keys.append(Hub.pinned_key(source))
+                record = self.cache.lookup(keys[0])
+                if record is not None and (pin := self.cache.pin(record["sha256"])) is not None:
+                    return self._hit(pin, source.describe(), job)
+            version = self.hub.version(source, name)
+            if version.sha256 is not None:
+                if expected is not None and version.sha256 != expected:
+                    raise validation(f"{name}: the Hub's file has sha256 {version.sha256}, not the expected {expected}")
+                if (pin := self.cache.pin(version.sha256)) is not None:
+                    self.cache.remember(version.key, version.sha256)
+                    return self._hit(pin, source.describe(), job)
+            return _Way([*keys, version.key], lambda into, unless: self.hub.fetch(source, version, into, name),
+                        expected or version.sha256)
+        if isinstance(source, HttpsSource):
+            # A URL names no version: a cached copy is re-validated with a conditional request.
+            return _Way([Web.key(source)], lambda into, unless: self.web.fetch(
+                source, into, name, cancelled, time_left_s(), unless), expected, revalidate=True)
+        key = self.bucket.version(source, name)[0]
+        return _Way([key], lambda into, unless: self.bucket.fetch(source, into, name), expected)
 
-    def _pinned(self, sha256: str, described: str, job: JobLoras) -> Fetched | None:
-        pin = self.cache.pin(sha256)
-        if pin is None:
-            return None
+    def _hit(self, pin: Pin, described: str, job: JobLoras) -> Fetched:
         job.pins.append(pin)
-        size = self.cache.path(sha256).stat().st_size
-        return Fetched(described, sha256, size, True, self.cache.comfy_name(sha256))
+        return self._cached(pin.sha256, described)
+
+    def _cached(self, sha256: str, described: str) -> Fetched:
+        return Fetched(described, sha256, self.cache.path(sha256).stat().st_size, True, self.cache.comfy_name(sha256))
+
+
+@dataclass(frozen=True)
+class _Way:
+    """How to fetch one source: the index keys naming this version of it (the last one is
+    locked while fetching), the download, and the sha256 the file must have if known."""
+
+    keys: list[str]
+    download: Callable[[Download, Validators | None], Transfer | None]
+    expected: str | None
+    revalidate: bool = False  # the key names no version: a cached copy must be re-validated
 
 
 @dataclass

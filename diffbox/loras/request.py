@@ -93,6 +93,9 @@ class LoraEntry(Strict):
     strength: float = Field(default=1.0, ge=-4.0, le=4.0, description="The LoRA's model strength.")
     target: Target | None = Field(default=None, description=(
         "Wan only: which expert takes the LoRA, high (noise), low or both (default). Absent for Qwen."))
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description=(
+        "Optional: the file's sha256 (CivitAI and the Hub show it). A cached copy is then used without any "
+        "request to the source, and a download must match it."))
 
     @field_validator("source")
     @classmethod

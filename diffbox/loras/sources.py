@@ -157,11 +157,11 @@ class Web:
     civitai_token: str | None
 
     def fetch(self, source: HttpsSource, into: Download, field: str, cancelled: Callable[[], bool],
-              time_left_s: float) -> None:
+              time_left_s: float, unless: urls.Validators | None) -> urls.Transfer:
         # A LoRA is far larger than an input image: the whole fetch may take what the job has left.
         policy = replace(self.policy, total_timeout_s=max(time_left_s, 1.0))
-        urls.stream(source.url, field, urls.Bounds(into.limits.max_bytes, into.limits.too_large()), policy,
-                    into.write, cancelled, self._headers, into.expect)
+        return urls.stream(source.url, field, urls.Bounds(into.limits.max_bytes, into.limits.too_large()), policy,
+                           into.write, cancelled, self._headers, into.expect, unless)
 
     def _headers(self, host: str) -> dict[str, str]:
         host = host.lower()

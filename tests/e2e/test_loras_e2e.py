@@ -172,7 +172,12 @@ def web(tmp_path: Path, net_guard: NetGuard) -> Iterator[tuple[UrlServer, UrlPol
 
     def serve(h: Any, q: dict[str, str]) -> None:
         auth.append(h.headers.get("Authorization"))
-        h._send(200, files[h.path.split("?")[0]])
+        data = files[h.path.split("?")[0]]
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+        if h.headers.get("If-None-Match") == etag:
+            h._send(304, b"", {"ETag": etag})
+        else:
+            h._send(200, data, {"ETag": etag})
 
     def civitai(h: Any, q: dict[str, str]) -> None:
         auth.append(h.headers.get("Authorization"))
@@ -196,10 +201,20 @@ async def test_an_https_lora_through_the_url_guard_with_the_civitai_token_kept_t
     source = f"https://civitai.com:{server.port}/api/download/models/1"
     first = await svc.run("web-1", i2v({"source": source, "target": "low"}))
     assert "error" not in first, first
-    assert first["loras"][0]["sha256"] == hashlib.sha256(lora_bytes(8)).hexdigest()
+    sha = hashlib.sha256(lora_bytes(8)).hexdigest()
+    assert first["loras"][0]["sha256"] == sha
     assert auth == ["Bearer civitai-secret-token", None]  # the storage host it redirects to gets none
+    requests_before = len(server.requests)
+    # A URL names no version: the cached copy is proved current by a conditional request (304, no body).
     second = await svc.run("web-2", i2v({"source": source}))
-    assert second["loras"][0]["cache_hit"] is True and len(auth) == 2
+    assert second["loras"][0]["cache_hit"] is True and len(server.requests) == requests_before + 2
+    # Naming the bytes skips even that.
+    third = await svc.run("web-3", i2v({"source": source, "sha256": sha}))
+    assert third["loras"][0]["cache_hit"] is True and len(server.requests) == requests_before + 2
+    wrong = "0" * 64
+    error = (await svc.run("web-4", i2v({"source": f"https://public.test:{server.port}/lora.safetensors",
+                                         "sha256": wrong})))["error"]
+    assert error["message"] == f"loras[0].source: the file's sha256 is {sha}, not the expected {wrong}"
 
     for url, words in [(f"https://public.test:{server.port}/pickle", "not a safetensors file"),
                        (f"https://public.test:{server.port}/redirect?to=https://10.1.2.3/x.safetensors",

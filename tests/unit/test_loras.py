@@ -96,8 +96,8 @@ def _race(root: str, key: str, out: str, barrier: Any) -> None:
     cache = LoraCache(Path(root), 10**9)
     barrier.wait()
     with cache.source_lock(key):
-        sha = cache.lookup(key)
-        if sha is None:
+        record = cache.lookup(key)
+        if record is None:
             temp = cache.temp_path(key)
             data = lora_bytes(7)
             with temp.open("wb") as f:  # slowly, so the other process surely waits
@@ -162,7 +162,7 @@ def test_a_pin_on_an_evicted_entry_is_a_miss(tmp_path: Path) -> None:
     cache = LoraCache(tmp_path, budget_bytes=0)
     sha = _entry(cache, 1, 10)
     cache.remember("k", sha)
-    assert cache.lookup("k") == sha
+    assert cache.lookup("k") == {"sha256": sha}
     assert cache.evict() == [sha]
     assert cache.lookup("k") is None and cache.pin(sha) is None
 
