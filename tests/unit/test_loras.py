@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import multiprocessing
@@ -18,7 +19,11 @@ from diffbox.loras.cache import LoraCache
 from diffbox.loras.header import NotALora, check_lora
 from diffbox.loras.request import HfSource, HttpsSource, S3Source, parse_source
 from diffbox.workflows import parse
+from diffbox.workflows.loras import bind, placeholder
+from tests.fakes.comfyui.validate import Schemas, validate_prompt
 from tests.lorafiles import lora_bytes, pickle_bytes, safetensors_bytes
+from tests.unit.test_workflows_graphs import comfy_schemas  # noqa: F401 (a fixture)
+from tests.unit.workflow_cases import plan_of, titled
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -188,3 +193,69 @@ def test_locks_are_flock_per_open_file(tmp_path: Path) -> None:
             pytest.raises(BlockingIOError):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     pin.release()
+
+
+LORA_A = {"source": "hf://o/r/a.safetensors", "strength": 0.5, "target": "high"}
+LORA_B = {"source": "https://civitai.com/api/download/models/1", "strength": -1.0}
+
+
+def model_chain(graph: dict[str, Any], node: dict[str, Any]) -> list[str]:
+    """Titles of the nodes a node's `model` input goes through, nearest first."""
+    chain = []
+    while "model" in node["inputs"]:
+        node = graph[node["inputs"]["model"][0]]
+        chain.append(node["_meta"]["title"])
+    return chain
+
+
+@pytest.mark.parametrize("preset", ["fast", "quality"])
+def test_wan_loras_go_after_the_presets_own_on_their_experts(preset: str) -> None:
+    plan = plan_of({"workflow": "i2v", "image": "x", "prompt": "p", "preset": preset, "loras": [LORA_A, LORA_B]})
+    graph = plan.graph
+    own = ["lora_high"] if preset == "fast" else []
+    assert model_chain(graph, titled(graph, "shift_high")) == ["user_lora1_high", "user_lora0_high", *own, "unet_high"]
+    low = model_chain(graph, titled(graph, "shift_low"))
+    assert low[:2] == ["user_lora1_low", "lora_low" if own else "unet_low"]
+    assert sorted(plan.lora_nodes.values()) == [0, 1, 1]
+    loader = titled(graph, "user_lora0_high")["inputs"]
+    assert loader["strength_model"] == 0.5 and loader["lora_name"] == placeholder(0)
+
+
+def test_svi_loras_go_after_the_svi_loras() -> None:
+    graph = plan_of({"workflow": "svi", "image": "x", "prompt": "p", "clips": 2, "loras": [LORA_B]}).graph
+    assert model_chain(graph, titled(graph, "shift_low"))[:3] == ["user_lora0_low", "svi_lora_low", "lora_low"]
+
+
+@pytest.mark.parametrize("model", ["2509", "2511"])
+def test_qwen_loras_go_between_the_model_chain_and_the_sampler(model: str) -> None:
+    graph = plan_of({"workflow": "qwen_edit", "images": ["x"], "prompt": "p", "model": model,
+                     "loras": [{"source": "hf://o/r/a.safetensors"}]}).graph
+    chain = model_chain(graph, titled(graph, "sampler"))
+    assert chain[0] == "user_lora0" and "lora" in chain[1:]
+
+
+@pytest.mark.parametrize(("case", "payload"), [
+    ("i2v", {"workflow": "i2v", "image": "x", "prompt": "p", "loras": [LORA_A, LORA_B]}),
+    ("svi", {"workflow": "svi", "image": "x", "prompt": "p", "clips": 2, "preset": "quality", "loras": [LORA_B]}),
+    ("qwen", {"workflow": "qwen_edit", "images": ["x"], "prompt": "p", "loras": [{"source": "s3://b/k"}] * 2}),
+])
+def test_graphs_with_loras_pass_comfyui_validation_once_bound(case: str, payload: dict[str, Any],
+                                                              comfy_schemas: Schemas) -> None:  # noqa: F811
+    plan = plan_of(payload)
+    cache = LoraCache(comfy_schemas.paths.models / "loras", 10**9)
+    names = []
+    for index in range(len(payload["loras"])):
+        sha = hashlib.sha256(lora_bytes(index)).hexdigest()
+        cache.root.mkdir(parents=True, exist_ok=True)
+        cache.path(sha).write_bytes(lora_bytes(index))
+        names.append(cache.comfy_name(sha))
+    bind(plan.graph, plan.lora_nodes, names)
+    for upload in plan.uploads:
+        path = Path(comfy_schemas.paths.input, "diffbox", "job-1", upload.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(upload.data)
+    valid, error, _, node_errors = validate_prompt(comfy_schemas, copy.deepcopy(plan.graph))
+    assert (valid, error, node_errors) == (True, None, {})
+    # ...and an unbound placeholder is a name ComfyUI refuses.
+    plan = plan_of(payload)
+    assert not validate_prompt(comfy_schemas, copy.deepcopy(plan.graph))[0]
