@@ -9,6 +9,11 @@ import random
 import struct
 
 
+# Tokens the LoRA tests give the worker; no log may ever hold them (loghygiene.py).
+HF_TOKEN = "hf_diffboxTestTokenNeverLogged"
+CIVITAI_TOKEN = "civitai-test-token-never-logged"
+
+
 def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]],
                       metadata: dict[str, str] | None = None) -> bytes:
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}

@@ -21,7 +21,7 @@ from tests.conftest import ComfyTarget
 from tests.fakes.comfyui.faults import set_config
 from tests.fakes.hf_hub import FakeHub, serve_fake_hub
 from tests.jobkit import job_files, png_b64, queue_ids, settings
-from tests.lorafiles import lora_bytes, pickle_bytes
+from tests.lorafiles import CIVITAI_TOKEN, HF_TOKEN, lora_bytes, pickle_bytes
 from tests.s3 import S3Server
 from tests.urlserver import PUBLIC_IP, NetGuard, Resolver, UrlServer, make_tls
 
@@ -86,7 +86,7 @@ async def test_an_hf_lora_is_downloaded_once_then_served_from_the_cache(
         comfy: ComfyTarget, hub: FakeHub, models: Path, tmp_path: Path) -> None:
     data = lora_bytes(1)
     sha = hub.add("someone/wan-lora", "motion/fast.safetensors", data)
-    svc = service(comfy, tmp_path, hub)
+    svc = service(comfy, tmp_path, hub, hf_token=HF_TOKEN)
     events: list[dict[str, Any]] = []
     first = await svc.run("lora-1", i2v({"source": "hf://someone/wan-lora/motion/fast.safetensors",
                                          "strength": 0.75, "target": "high"}), events.append)
@@ -98,6 +98,10 @@ async def test_an_hf_lora_is_downloaded_once_then_served_from_the_cache(
     assert downloading and downloading[-1].get("total") in (None, len(data))
     assert cached(models) == {f"{sha}.safetensors"}
     assert len(hub.seen("GET", f"/cdn/{sha}")) == 1
+    # The token goes to the Hub, never to the host that serves the file's bytes.
+    [head] = hub.seen("HEAD", "/someone/wan-lora/resolve/")
+    assert head.headers.get("authorization") == f"Bearer {HF_TOKEN}"
+    assert "authorization" not in hub.seen("GET", f"/cdn/{sha}")[0].headers
 
     second = await svc.run("lora-2", i2v({"source": "hf://someone/wan-lora/motion/fast.safetensors"}))
     assert second["loras"][0]["cache_hit"] is True and second["loras"][0]["sha256"] == sha
@@ -196,14 +200,14 @@ async def test_an_https_lora_through_the_url_guard_with_the_civitai_token_kept_t
         comfy: ComfyTarget, models: Path, tmp_path: Path,
         web: tuple[UrlServer, UrlPolicy, list[str | None]]) -> None:
     server, policy, auth = web
-    svc = service(comfy, tmp_path, civitai_token="civitai-secret-token")
+    svc = service(comfy, tmp_path, civitai_token=CIVITAI_TOKEN)
     svc.url_policy = policy
     source = f"https://civitai.com:{server.port}/api/download/models/1"
     first = await svc.run("web-1", i2v({"source": source, "target": "low"}))
     assert "error" not in first, first
     sha = hashlib.sha256(lora_bytes(8)).hexdigest()
     assert first["loras"][0]["sha256"] == sha
-    assert auth == ["Bearer civitai-secret-token", None]  # the storage host it redirects to gets none
+    assert auth == [f"Bearer {CIVITAI_TOKEN}", None]  # the storage host it redirects to gets none
     requests_before = len(server.requests)
     # A URL names no version: the cached copy is proved current by a conditional request (304, no body).
     second = await svc.run("web-2", i2v({"source": source}))
