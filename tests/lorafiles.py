@@ -8,7 +8,6 @@ import pickle
 import random
 import struct
 
-
 # Tokens the LoRA tests give the worker; no log may ever hold them (loghygiene.py).
 HF_TOKEN = "hf_diffboxTestTokenNeverLogged"
 CIVITAI_TOKEN = "civitai-test-token-never-logged"
@@ -27,12 +26,13 @@ def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]],
 
 
 def lora_bytes(seed: int = 0, prefix: str = "diffusion_model.blocks.0.self_attn.q", rank: int = 2,
-               features: int = 4) -> bytes:
-    """A random rank-`rank` LoRA for one `features`x`features` linear layer (F32), kohya-style names."""
+               features: int = 4, scale: float = 0.01) -> bytes:
+    """A random rank-`rank` LoRA (values within +-`scale`) for one `features`x`features` linear
+    layer (F32), with the names ComfyUI maps to the model's `{prefix}.weight`."""
     rng = random.Random(seed)
 
     def f32(count: int) -> bytes:
-        return struct.pack(f"<{count}f", *(rng.uniform(-0.01, 0.01) for _ in range(count)))
+        return struct.pack(f"<{count}f", *(rng.uniform(-scale, scale) for _ in range(count)))
 
     return safetensors_bytes({
         f"{prefix}.lora_down.weight": ("F32", [rank, features], f32(rank * features)),
