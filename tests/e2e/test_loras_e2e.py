@@ -16,9 +16,8 @@ import pytest
 
 from diffbox.service import Service
 from diffbox.urls import UrlPolicy
-from diffbox.workflows import manifest
 from tests.conftest import ComfyTarget
-from tests.fakes.comfyui.faults import set_config
+from tests.e2e import test_workflows_e2e
 from tests.fakes.hf_hub import FakeHub, serve_fake_hub
 from tests.jobkit import job_files, png_b64, queue_ids, settings
 from tests.lorafiles import CIVITAI_TOKEN, HF_TOKEN, lora_bytes, pickle_bytes
@@ -26,19 +25,7 @@ from tests.s3 import S3Server
 from tests.urlserver import PUBLIC_IP, NetGuard, Resolver, UrlServer, make_tls
 
 IMAGE = png_b64((90, 30, 160), (64, 48))
-
-
-@pytest.fixture(scope="module")
-def comfy(fake_comfyui: ComfyTarget) -> Iterator[ComfyTarget]:
-    """The fake with a placeholder for every weight the manifest names, and quick steps."""
-    assert fake_comfyui.base_dir is not None
-    for f in manifest.load().files.values():
-        path = f.local_path(fake_comfyui.base_dir / "models")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-    set_config(fake_comfyui.url, step_delay_s=0.002)
-    yield fake_comfyui
-    set_config(fake_comfyui.url, step_delay_s=0.01)
+comfy = test_workflows_e2e.comfy  # the fake with a placeholder for every weight, and quick steps
 
 
 @pytest.fixture(scope="module")
