@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
+import httpx2
 from huggingface_hub import get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.file_download import http_get
@@ -111,8 +112,8 @@ class Hub:
     def version(self, source: HfSource, field: str) -> HfVersion:
         url = hf_hub_url(source.repo, source.path, revision=source.revision, endpoint=self.endpoint)
         with _HubErrors(source, field):
-            meta = get_hf_file_metadata(url, token=self.token or False, endpoint=self.endpoint,
-                                        retry_on_errors=True)
+            # No retries (huggingface_hub's own default): a job fails in seconds, not half a minute.
+            meta = get_hf_file_metadata(url, token=self.token or False, endpoint=self.endpoint)
         etag = meta.etag or ""
         commit = meta.commit_hash or source.revision or "main"
         return HfVersion(f"hf:{source.repo}@{commit}/{source.path}", etag if SHA256.match(etag) else None,
@@ -146,7 +147,8 @@ class _HubErrors:
             reason = {401: "unauthorised (gated or private: set HF_TOKEN)", 403: "forbidden (gated: set HF_TOKEN)",
                       404: "not found (repo, revision or file)"}.get(status or 0, f"HTTP {status}")
             raise validation(f"{self.field}: {self.source.describe()}: {reason}") from None
-        if isinstance(exc, OSError):  # connection failures, and http_get's size consistency check
+        # Connection failures (httpx2's, after huggingface_hub's retries), and http_get's size check.
+        if isinstance(exc, OSError | httpx2.HTTPError):
             raise validation(f"{self.field}: could not fetch {self.source.describe()} from the Hub: "
                              f"{type(exc).__name__}") from None
 

@@ -143,6 +143,11 @@ async def test_refusals_name_the_entry_and_leave_nothing(
         error = result["error"]
         assert error["type"] == "validation" and error["message"].startswith("loras[1].source: "), error
         assert words in error["message"], error
+    with serve_fake_hub() as gone:
+        pass  # a Hub that no longer answers
+    error = (await service(comfy, tmp_path, gone).run("bad-hub", i2v(ok)))["error"]
+    assert error["message"] == ("loras[0].source: could not fetch hf://someone/wan-lora/motion/fast.safetensors "
+                                "from the Hub: ConnectError")
     qwen = {"workflow": "qwen_edit", "images": [IMAGE], "prompt": "p",
             "loras": [{"source": "hf://someone/bad/cut.safetensors", "target": "low"}]}
     error = (await svc.run("bad-target", qwen))["error"]
