@@ -23,8 +23,9 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,6 +34,7 @@ from .. import logs
 log = logs.get("loras")
 FOLDER = "diffbox-cache"  # under ComfyUI's `loras` folder
 SUFFIX = ".safetensors"
+LOCK_POLL_S = 0.2
 
 
 class Pin:
@@ -71,10 +73,17 @@ class LoraCache:
         return (self._locks / f"{name}.lock").open("ab")
 
     @contextlib.contextmanager
-    def source_lock(self, key: str) -> Iterator[None]:
-        """Held while a source is resolved and fetched: one fetch of it at a time, volume-wide."""
+    def source_lock(self, key: str, give_up: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Held while a source is resolved and fetched: one fetch of it at a time, volume-wide.
+        While another worker holds it, `give_up` is called between tries (it raises to stop waiting)."""
         with self._open_lock(f"src-{_digest(key)}") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    give_up()
+                    time.sleep(LOCK_POLL_S)
             yield
 
     def lookup(self, key: str) -> dict[str, Any] | None:

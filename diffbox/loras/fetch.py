@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import logs, urls
 from ..config import Settings
-from ..errors import validation
+from ..errors import JobError, validation
 from ..outputs import sha256_file
 from ..s3 import S3Store
 from ..urls import Transfer, Validators
@@ -73,7 +73,14 @@ class LoraFetcher:
         way = self._way(source, name, entry.sha256, job, cancelled, time_left_s)
         if isinstance(way, Fetched):
             return way
-        with self.cache.source_lock(way.keys[-1]):
+        def stopped() -> None:
+            """Raise when the job is cancelled or out of time (checked while waiting and downloading)."""
+            if cancelled():
+                raise JobError("cancelled", "job cancelled")
+            if time_left_s() <= 0:
+                raise JobError("timeout", f"{name}: the job ran out of time (DIFFBOX_JOB_TIMEOUT_S) fetching it")
+
+        with self.cache.source_lock(way.keys[-1], stopped):
             # Another worker may have fetched it while this one waited for the lock.
             record = self.cache.lookup(way.keys[-1])
             held = self.cache.pin(record["sha256"]) if record is not None else None
@@ -85,7 +92,7 @@ class LoraFetcher:
             t0 = time.monotonic()
             temp = self.cache.temp_path(way.keys[-1])
             try:
-                with Download(temp, Limits(self.max_bytes, name), on_bytes, cancelled) as into:
+                with Download(temp, Limits(self.max_bytes, name), on_bytes, stopped) as into:
                     transfer = way.download(into, unless if unless and unless.headers() else None)
                 if transfer is not None and transfer.not_modified and held is not None:
                     return self._cached(held.sha256, described)

@@ -48,13 +48,13 @@ class Download:
     """The file a fetch writes: bounded in size, cancellable, reporting bytes as they arrive."""
 
     def __init__(self, path: Path, limits: Limits, on_bytes: Callable[[int, int | None], None],
-                 cancelled: Callable[[], bool]) -> None:
+                 stopped: Callable[[], None]) -> None:
         self.path = path
         self.limits = limits
         self.total: int | None = None
         self.size = 0
         self._on_bytes = on_bytes
-        self._cancelled = cancelled
+        self._stopped = stopped
         self._file = path.open("wb")
 
     def expect(self, total: int | None) -> None:
@@ -63,8 +63,7 @@ class Download:
         self.total = total
 
     def write(self, chunk: bytes) -> int:
-        if self._cancelled():
-            raise JobError("cancelled", "job cancelled")
+        self._stopped()
         self.size += len(chunk)
         if self.size > self.limits.max_bytes:
             raise self.limits.too_large()

@@ -259,3 +259,19 @@ def test_graphs_with_loras_pass_comfyui_validation_once_bound(case: str, payload
     # ...and an unbound placeholder is a name ComfyUI refuses.
     plan = plan_of(payload)
     assert not validate_prompt(comfy_schemas, copy.deepcopy(plan.graph))[0]
+
+
+def test_a_job_waiting_for_another_workers_download_can_give_up(tmp_path: Path) -> None:
+    cache = LoraCache(tmp_path, 10**9)
+    calls = []
+
+    def give_up() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise JobError("cancelled", "job cancelled")
+
+    with cache.source_lock("k"), pytest.raises(JobError), cache.source_lock("k", give_up):
+        pass
+    assert len(calls) == 3
+    with cache.source_lock("k", give_up):  # free again
+        pass
