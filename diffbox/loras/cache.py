@@ -161,10 +161,21 @@ class LoraCache:
                     (self.root / f"{sha256}.json").unlink(missing_ok=True)
                 total -= size
                 removed.append(sha256)
+            self._forget(set(removed))
             if removed or total > self.budget_bytes:
                 logs.event(log, "lora cache evicted", removed=len(removed), bytes=total,
                            budget_bytes=self.budget_bytes, level=20 if total <= self.budget_bytes else 30)
             return removed
+
+    def _forget(self, removed: set[str]) -> None:
+        # Index records are only hints (lookup checks the file), but need not outlive it.
+        # Lock files stay: removing one while another worker has it open would split the lock.
+        if not removed:
+            return
+        for record in self._index.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                if json.loads(record.read_text())["sha256"] in removed:
+                    record.unlink()
 
     def _drop_abandoned_parts(self) -> None:
         # A worker that died mid-download left its part behind; a part whose source lock is free

@@ -11,6 +11,7 @@ Every fetch streams into a `Download`, which bounds the size while the bytes arr
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,6 +32,9 @@ from ..s3 import S3Store
 from .request import HfSource, HttpsSource, S3Source
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# huggingface_hub warns on each retry with the URL it was reading: for a large file, a signed CDN
+# URL (a credential while it lasts). Its errors still reach the caller, as validation errors.
+logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 CIVITAI = "civitai.com"
 
 

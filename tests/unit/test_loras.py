@@ -170,6 +170,7 @@ def test_a_pin_on_an_evicted_entry_is_a_miss(tmp_path: Path) -> None:
     assert cache.lookup("k") == {"sha256": sha}
     assert cache.evict() == [sha]
     assert cache.lookup("k") is None and cache.pin(sha) is None
+    assert list((tmp_path / "diffbox-cache" / ".index").iterdir()) == []  # its record went with it
 
 
 def test_an_abandoned_part_goes_but_not_one_being_written(tmp_path: Path) -> None:
@@ -275,3 +276,16 @@ def test_a_job_waiting_for_another_workers_download_can_give_up(tmp_path: Path) 
     assert len(calls) == 3
     with cache.source_lock("k", give_up):  # free again
         pass
+
+
+def test_settings_from_the_environment() -> None:
+    from diffbox.config import Settings
+
+    settings = Settings.from_env({"DIFFBOX_LORA_CACHE_GB": "1.5", "DIFFBOX_MAX_LORA_MB": "100",
+                                  "HF_TOKEN": "hf_secret1", "CIVITAI_TOKEN": "civ_secret2",
+                                  "HF_ENDPOINT": "https://hub.example"})
+    assert (settings.lora_cache_gb, settings.max_lora_mb, settings.hf_endpoint) == (1.5, 100, "https://hub.example")
+    assert (settings.hf_token, settings.civitai_token) == ("hf_secret1", "civ_secret2")
+    assert "secret" not in repr(settings)
+    defaults = Settings.from_env({})
+    assert (defaults.lora_cache_gb, defaults.max_lora_mb, defaults.hf_token) == (50, 2048, None)
