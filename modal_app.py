@@ -53,7 +53,8 @@ VLLM_HOME = "/opt/vllm"
 # What `python -m builder` imports, as Dockerfile.serverless copies it for its builder layers:
 # with only these built in (and an empty diffbox/workflows/__init__.py, which would import
 # every workflow), a code change elsewhere keeps the ComfyUI layer cached.
-BUILDER_FILES = ("diffbox/__init__.py", "diffbox/errors.py", "diffbox/media.py", "diffbox/model_paths.py",
+BUILDER_FILES = ("diffbox/__init__.py", "diffbox/errors.py", "diffbox/media.py", "diffbox/model_lock.py",
+                 "diffbox/model_paths.py",
                  "diffbox/workflows/base.py", "diffbox/workflows/graph.py", "diffbox/workflows/manifest.py")
 MODELS_DIR = "/models"
 # Where the package's sources are mounted: diffbox/ finds workflows/ beside itself.
@@ -280,11 +281,15 @@ def web() -> FastAPI:
 
 @app.function(image=cpu_image, volumes={MODELS_DIR: models}, secrets=_secrets(CONFIG.hf_secret),
               timeout=6 * 3600)
-def download_models(workflows: str = "all", presets: str = "all", chat_model: str = "") -> None:
-    """`python -m builder download` into the models Volume (sizes and hashes checked; what is
-    there already is skipped, so an interrupted run resumes)."""
+def download_models(workflows: str = "all", presets: str = "all", chat_model: str = "", locked: str = "") -> None:
+    """`python -m builder download` into the models Volume: sha256 checked against the Hub's,
+    recorded in its weights.lock.json; files the lock already records are skipped, so a second
+    run completes an interrupted one. `locked`: a committed lock (`workflows/locks/NAME.json`)
+    whose commits and bytes are fetched exactly."""
     argv = ["python", "-m", "builder", "download", "--workflows", workflows, "--presets", presets,
             "--dest", MODELS_DIR]
+    if locked:
+        argv += ["--locked", locked]
     if chat_model:
         argv += ["--chat-model", chat_model]
     try:
