@@ -58,6 +58,12 @@ def i2v(*loras: dict[str, Any]) -> dict[str, Any]:
     return {"workflow": "i2v", "image": IMAGE, "prompt": "a fox", "frames": 5, "seed": 1, "loras": list(loras)}
 
 
+def publish(hub: FakeHub, repo: str, path: str, data: bytes) -> str:
+    """Commit `data` at `path` on the Hub; returns its sha256."""
+    hub.add(repo, path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def nothing_left(comfy: ComfyTarget, tmp_path: Path, *job_ids: str) -> None:
     # Not jobkit's Baseline: the loopback Hub keeps huggingface_hub's connections (and their threads) open.
     for job_id in job_ids:
@@ -72,7 +78,7 @@ def cached(models: Path) -> set[str]:
 async def test_an_hf_lora_is_downloaded_once_then_served_from_the_cache(
         comfy: ComfyTarget, hub: FakeHub, models: Path, tmp_path: Path) -> None:
     data = lora_bytes(1)
-    sha = hub.add("someone/wan-lora", "motion/fast.safetensors", data)
+    sha = publish(hub, "someone/wan-lora", "motion/fast.safetensors", data)
     svc = service(comfy, tmp_path, hub, hf_token=HF_TOKEN)
     events: list[dict[str, Any]] = []
     first = await svc.run("lora-1", i2v({"source": "hf://someone/wan-lora/motion/fast.safetensors",
@@ -107,7 +113,7 @@ async def test_an_hf_lora_is_downloaded_once_then_served_from_the_cache(
 
 async def test_two_concurrent_jobs_download_one_file_once(
         comfy: ComfyTarget, hub: FakeHub, models: Path, tmp_path: Path) -> None:
-    sha = hub.add("someone/shared", "s.safetensors", lora_bytes(2, features=256))
+    sha = publish(hub, "someone/shared", "s.safetensors", lora_bytes(2, features=256))
     job = i2v({"source": "hf://someone/shared/s.safetensors"})
     a, b = service(comfy, tmp_path / "a", hub), service(comfy, tmp_path / "b", hub)
     results = await asyncio.gather(a.run("shared-a", job), b.run("shared-b", job))
@@ -119,8 +125,8 @@ async def test_two_concurrent_jobs_download_one_file_once(
 
 async def test_a_tiny_budget_evicts_the_least_recently_used(
         comfy: ComfyTarget, hub: FakeHub, models: Path, tmp_path: Path) -> None:
-    one = hub.add("someone/one", "a.safetensors", lora_bytes(3))
-    two = hub.add("someone/two", "b.safetensors", lora_bytes(4))
+    one = publish(hub, "someone/one", "a.safetensors", lora_bytes(3))
+    two = publish(hub, "someone/two", "b.safetensors", lora_bytes(4))
     svc = service(comfy, tmp_path, hub, lora_cache_gb=1e-9)  # one byte: every entry is over budget
     assert "error" not in await svc.run("evict-1", i2v({"source": "hf://someone/one/a.safetensors"}))
     assert cached(models) == {f"{one}.safetensors"}  # pinned by its job while it was added
