@@ -172,4 +172,4 @@ class JobLoras:
 def fetcher_for(settings: Settings, url_policy: urls.UrlPolicy, s3: S3Store | None) -> LoraFetcher:
     cache = LoraCache(settings.models_dir / "loras", int(settings.lora_cache_gb * 1e9))
     return LoraFetcher(cache, Hub(settings.hf_endpoint.rstrip("/"), settings.hf_token),
-                       Web(url_policy, settings.civitai_token), Bucket(s3), int(settings.max_lora_mb * 2**20))
+                       Web(url_policy, settings.civitai_token), Bucket(s3), int(settings.max_lora_mb * 1e6))

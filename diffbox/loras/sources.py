@@ -44,7 +44,7 @@ class Limits:
     field: str
 
     def too_large(self) -> JobError:
-        return validation(f"{self.field}: the file is larger than the {self.max_bytes / 2**20:g} MB limit "
+        return validation(f"{self.field}: the file is larger than the {self.max_bytes / 1e6:g} MB limit "
                           "(DIFFBOX_MAX_LORA_MB)")
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ..loras.request import LoraEntry, loras_field
+from ..loras.request import LoraEntry, Target, loras_field
 from .base import ImageLoader, JobContext, Plan
 from .common import PROMPT_MAX, InputFiles, Prompt, TypedRequest, draw_seed
 from .graph import GraphBuilder
@@ -41,7 +41,15 @@ PRESETS: dict[tuple[str, str], Preset] = {
 }
 
 
+def _no_target_schema(schema: dict[str, Any]) -> None:
+    schema.clear()
+    schema.update({"type": "null", "description": "Not for Qwen Image Edit (one model): leave it out."})
+
+
 class QwenLora(LoraEntry):
+    # Accepted as a value so that the error explains; the JSON Schema says it is not for Qwen.
+    target: Target | None = Field(default=None, json_schema_extra=_no_target_schema)
+
     @field_validator("target")
     @classmethod
     def _no_target(cls, value: str | None) -> None:

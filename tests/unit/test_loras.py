@@ -69,6 +69,17 @@ def test_bad_entries_are_refused_naming_the_entry(payload: dict[str, Any], messa
     assert message.replace("Value error, ", "") in err.value.message
 
 
+def test_the_schema_shows_loras_and_where_target_applies() -> None:
+    from diffbox.workflows import NAMED
+
+    for name in ("i2v", "svi", "qwen_edit"):
+        schema = NAMED[name].request.model_json_schema()
+        assert schema["properties"]["loras"]["maxItems"] == 4
+        [entry] = [d for d in schema["$defs"] if "Lora" in d]
+        target = schema["$defs"][entry]["properties"]["target"]
+        assert (target.get("type") == "null") == (name == "qwen_edit"), target
+
+
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
