@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -50,7 +51,7 @@ def test_comfyui_validates_a_graph_naming_a_cached_lora(comfyui: ComfyTarget, tm
         assert fetched.comfy_name in requests.get(f"{comfyui.url}/models/loras", timeout=10).json()
         # No model here to apply it to: the UNet's file is missing on purpose, and ComfyUI's
         # validation must find fault with that node only, not with the LoRA's name.
-        graph = {
+        graph: dict[str, Any] = {
             "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "absent.safetensors", "weight_dtype": "default"}},
             "2": {"class_type": "LoraLoaderModelOnly",
                   "inputs": {"model": ["1", 0], "lora_name": fetched.comfy_name, "strength_model": 0.5}},
