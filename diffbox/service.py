@@ -161,9 +161,9 @@ class _Job:
         self.progress.stage("inputs")
         plan = self.plan = workflow.plan(request, self.ctx, self._load_image)
         check_models(workflow, request, self.settings.models_dir)
-        self._fetch_loras(request, plan)
         self.uploads = OutputUploads(store, on_failure=self.abort.set)
         self.timings["inputs_s"] = logs.since(self.t0)
+        self._fetch_loras(request, plan)
         self.progress.stage("starting")
         comfy.supervisor.ensure_ready(self.settings.startup_timeout_s, self.stop.is_set)
         comfy.reap()  # before queuing: our prompt must not wait behind an earlier job's
