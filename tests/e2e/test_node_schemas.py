@@ -14,7 +14,7 @@ from tests.conftest import ComfyTarget
 
 EXTRA = Path(__file__).parents[1] / "fakes" / "comfyui" / "extra_schemas"
 # Nodes of the pinned custom nodes, whose schema the recording (core ComfyUI) doesn't have.
-CUSTOM = ["WanImageToVideoSVIPro"]
+CUSTOM = ["WanImageToVideoSVIPro", "ImageBatchExtendWithOverlap"]
 
 
 @pytest.mark.parametrize("node", CUSTOM)

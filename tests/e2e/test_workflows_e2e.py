@@ -84,7 +84,7 @@ def test_i2v_after_warm_up(api: RunpodApi) -> None:
 
     second = runsync(api, {**job, "preset": "quality", "end_image": png(64, 64), "width": 256, "height": 256})
     assert "warmup_s" not in second["timings"]
-    assert (second["steps"], second["cfg"]) == (20, 3.5)
+    assert (second["steps"], second["cfg"], second["shift"]) == (20, 4.0, 8.0)  # the flf2v template's quality
     assert video_frames(second["outputs"][0]["data"]) == (256, 256, 17)
 
 

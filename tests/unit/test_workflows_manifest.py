@@ -13,7 +13,7 @@ from diffbox import model_lock
 from diffbox.errors import JobError
 from diffbox.workflows import NAMED, check_models, manifest, parse
 from diffbox.workflows.graph import WORKFLOWS_DIR
-from tests.unit.official_templates import official
+from tests.unit.references import kj_svi_recipe, official
 from tests.unit.workflow_cases import CASES, model_set, plan_of
 
 # The input naming a model file, and the ComfyUI folder it is looked up in, per loader class.
@@ -56,6 +56,15 @@ def test_manifest_sources_match_the_official_templates(model_set_name: str) -> N
         if f.key == "qwen_25_vl_7b_fp8" and "HunyuanVideo" in url:
             continue  # the 2511 template links the same file in another repo (workflows/README.md)
         assert url == f"https://huggingface.co/{f.repo}/resolve/main/{f.path}"
+
+
+def test_manifest_has_the_svi_examples_loras() -> None:
+    # The example names its files only (its LoRA nodes' `properties.models` are stale links
+    # copied from the Comfy-Org template); workflows/README.md says where each path was seen.
+    loras = {name for chain in kj_svi_recipe()["loras"].values() for name, _ in chain}
+    svi = {f.name: f for f in manifest.load().required("svi", "fast") if f.folder == "loras"}
+    assert set(svi) == loras
+    assert {f.repo for f in svi.values()} == {"Kijai/WanVideo_comfy"}
 
 
 def _place_all(model_set: str, preset: str, models_dir: Path, size: int = 0) -> None:
