@@ -86,6 +86,9 @@ def _graph(args: argparse.Namespace) -> int:
     except JobError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
+    if plan.lora_nodes:
+        print("note: LoRA files are named by sha256 once the worker has fetched them; "
+              "the graph shows placeholders", file=sys.stderr)
     print(json.dumps(plan.graph, indent=1, ensure_ascii=False))
     return 0
 

@@ -87,6 +87,12 @@ class Settings(BaseModel):
     work_dir: Path = Path("/tmp/diffbox")
     warmup: list[str] = []
     s3: S3Settings | None = None
+    # LoRAs requests bring (diffbox/loras): the cache's budget and one file's size cap.
+    lora_cache_gb: float = Field(default=50.0, ge=0)
+    max_lora_mb: float = Field(default=2048.0, gt=0)
+    hf_endpoint: str = "https://huggingface.co"
+    hf_token: str | None = Field(default=None, repr=False)
+    civitai_token: str | None = Field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -123,6 +129,11 @@ class Settings(BaseModel):
             "max_inline_mb": "DIFFBOX_MAX_INLINE_MB",
             "models_dir": "DIFFBOX_MODELS_DIR",
             "work_dir": "DIFFBOX_WORK_DIR",
+            "lora_cache_gb": "DIFFBOX_LORA_CACHE_GB",
+            "max_lora_mb": "DIFFBOX_MAX_LORA_MB",
+            "hf_endpoint": "HF_ENDPOINT",
+            "hf_token": "HF_TOKEN",
+            "civitai_token": "CIVITAI_TOKEN",
         }
         for field, name in simple.items():
             if (value := get(name)) is not None:

@@ -29,6 +29,7 @@ from .backends.comfyui_server import ComfyServer
 from .backends.vllm import VllmServer
 from .config import Settings
 from .errors import JobError, backend, validation
+from .loras.fetch import JobLoras, fetcher_for
 from .media import InputImage, decode_image
 from .progress import STOPPED, Emit, ProgressTracker
 from .s3 import S3Store
@@ -36,6 +37,7 @@ from .schemas import OutputOptions
 from .storage import OutputUploads, choose_store, object_key
 from .workflows import RAW, Workflow, check_models, parse
 from .workflows.base import JobContext, Plan
+from .workflows.loras import bind
 from .workflows.raw import check_allowed
 
 log = logs.get("service")
@@ -158,6 +160,7 @@ class _Job:
         self.uploads: OutputUploads | None = None
         self.prompt_run: PromptRun | None = None
         self.abort = threading.Event()
+        self.loras: JobLoras | None = None
 
     def run(self, payload: Any) -> dict[str, Any]:
         workflow, request = parse(payload)
@@ -177,6 +180,7 @@ class _Job:
         check_models(workflow, request, self.settings.models_dir)
         self.uploads = OutputUploads(store, on_failure=self.abort.set)
         self.timings["inputs_s"] = logs.since(self.t0)
+        self._fetch_loras(request, plan)
         self.progress.stage("starting")
         comfy.supervisor.ensure_ready(self.settings.startup_timeout_s, self.stop.is_set)
         comfy.reap()  # before queuing: our prompt must not wait behind an earlier job's
@@ -189,6 +193,19 @@ class _Job:
         self.progress.stage("queued")
         outcome = self._execute(comfy, plan)
         return self._result(workflow, request, plan, outcome)
+
+    def _fetch_loras(self, request: Any, plan: Plan) -> None:
+        """The request's own LoRAs into the cache (pinned until the job ends), named in the graph."""
+        entries = getattr(request, "loras", None)
+        if not entries:
+            return
+        self.progress.stage("downloading")
+        t0 = time.monotonic()
+        fetcher = fetcher_for(self.settings, self.service.url_policy, self.service.s3)
+        self.loras = fetcher.fetch(entries, self.progress.downloaded, self.stop.is_set,
+                                   lambda: self.deadline - time.monotonic())
+        bind(plan.graph, plan.lora_nodes, [f.comfy_name for f in self.loras.files])
+        self.timings["download_s"] = logs.since(t0)
 
     def _load_image(self, value: str, field: str) -> InputImage:
         return decode_image(value, field, int(self.settings.max_input_mb * 1e6), self._fetch)
@@ -268,7 +285,10 @@ class _Job:
             images = [{"type": "s3_url" if "url" in o else "base64",
                        **o, "data": o.get("data") or o.get("url")} for o in stored]
             return {"images": images, **plan.settings, "timings": self.timings}
-        return {"workflow": workflow.name, **plan.settings, "outputs": stored, "timings": self.timings}
+        result = {"workflow": workflow.name, **plan.settings, "outputs": stored, "timings": self.timings}
+        if self.loras is not None:
+            result["loras"] = [f.describe(e) for f, e in zip(self.loras.files, request.loras, strict=True)]
+        return result
 
     def _store(self, announce: bool = True) -> list[dict[str, Any]]:
         """Wait for every output's upload, in report order (most are done by now). A stopped
@@ -287,6 +307,8 @@ class _Job:
         if self.uploads is not None:
             self.uploads.close()  # no upload may still be reading a file removed below
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.loras is not None:
+            self.loras.release()  # the cache may evict them again once ComfyUI is done with them
         comfy = self.service.comfy
         if comfy is None:
             return

@@ -144,6 +144,9 @@ def _detail(update: dict[str, Any]) -> str:
         parts.append(f"step {update['step']}/{update['steps']}")
     if update.get("clip") is not None and update.get("clips"):
         parts.append(f"clip {update['clip']}/{update['clips']}")
+    if update.get("bytes") is not None:
+        total = f"/{update['total'] / 1e6:.1f}" if update.get("total") else ""
+        parts.append(f"{update['bytes'] / 1e6:.1f}{total} MB")
     return " ".join(parts)
 
 

@@ -45,4 +45,5 @@ def plan(request: I2VRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
 
     settings = {**start.settings(), "frames": request.frames, "fps": request.fps,
                 "duration_s": round(request.frames / request.fps, 3)}
-    return Plan(workflow="i2v", graph=b.graph, uploads=start.files.uploads, settings=settings)
+    return Plan(workflow="i2v", graph=b.graph, uploads=start.files.uploads, settings=settings,
+                lora_nodes=start.lora_nodes)

@@ -14,9 +14,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from ..loras.request import LoraEntry, Target, loras_field
 from .base import ImageLoader, JobContext, Plan
 from .common import PROMPT_MAX, InputFiles, Prompt, TypedRequest, draw_seed
 from .graph import GraphBuilder
+from .loras import add_loras
 from .sizing import SizeRule, kontext_size
 
 SIZE = SizeRule(multiple=8, low=256, high=2048, area=1024 * 1024)
@@ -39,6 +41,23 @@ PRESETS: dict[tuple[str, str], Preset] = {
 }
 
 
+def _no_target_schema(schema: dict[str, Any]) -> None:
+    schema.clear()
+    schema.update({"type": "null", "description": "Not for Qwen Image Edit (one model): leave it out."})
+
+
+class QwenLora(LoraEntry):
+    # Accepted as a value so that the error explains; the JSON Schema says it is not for Qwen.
+    target: Target | None = Field(default=None, json_schema_extra=_no_target_schema)
+
+    @field_validator("target")
+    @classmethod
+    def _no_target(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("Qwen Image Edit has one model; target is for Wan's two experts (leave it out)")
+        return None
+
+
 class QwenEditRequest(TypedRequest):
     workflow: Literal["qwen_edit"]
     images: list[str] = Field(min_length=1, max_length=3, description="1 to 3 images; the first is edited.")
@@ -51,6 +70,7 @@ class QwenEditRequest(TypedRequest):
     model: Model = "2511"
     steps: int | None = Field(default=None, ge=1, le=100, description="Overrides the preset.")
     cfg: float | None = Field(default=None, ge=0.0, le=30.0, description="Overrides the preset.")
+    loras: list[QwenLora] = loras_field()
 
     @field_validator("width", "height")
     @classmethod
@@ -96,8 +116,11 @@ def plan(request: QwenEditRequest, ctx: JobContext, load_image: ImageLoader) -> 
     if not preset.lightning:
         b.bypass("lora", through="model")
     b.set("sampler", seed=seed, steps=steps, cfg=cfg)
+    # The sampler reads the end of the model chain, after the preset's LoRA.
+    lora_nodes = add_loras(b, request.loras, {"model": "sampler"})
     b.set("save", filename_prefix=ctx.output_prefix("qwen_edit"))
 
     settings = {"seed": seed, "preset": request.preset, "model": request.model, "steps": steps, "cfg": cfg,
                 "width": width, "height": height}
-    return Plan(workflow="qwen_edit", graph=b.graph, uploads=files.uploads, settings=settings)
+    return Plan(workflow="qwen_edit", graph=b.graph, uploads=files.uploads, settings=settings,
+                lora_nodes=lora_nodes)

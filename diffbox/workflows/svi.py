@@ -94,7 +94,8 @@ def plan(request: SviRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
     prompts = request.clip_prompts()
     seeds = [(start.seed + k) % (MAX_SEED + 1) for k in range(len(prompts))]
 
-    result = Plan(workflow="svi", graph=b.graph, uploads=start.files.uploads, clips=len(prompts))
+    result = Plan(workflow="svi", graph=b.graph, uploads=start.files.uploads, clips=len(prompts),
+                  lora_nodes=start.lora_nodes)
     segments = []
     for k, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True), start=1):
         segments.append(_add_clip(b, request, start.sampling, k, prompt, seed, ctx, result))

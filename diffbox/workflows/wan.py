@@ -12,9 +12,11 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from ..loras.request import LoraEntry, loras_field
 from .base import ImageLoader, JobContext
 from .common import PROMPT_MAX, InputFiles, TypedRequest, draw_seed
 from .graph import GraphBuilder
+from .loras import add_loras
 from .sizing import SizeRule
 
 # 832x480 is Wan's 480p; a default size keeps the input's aspect at this pixel count.
@@ -46,6 +48,7 @@ class WanRequest(TypedRequest):
     steps: int | None = Field(default=None, ge=2, le=100, description="Overrides the preset; switch at half.")
     cfg: float | None = Field(default=None, ge=0.0, le=30.0, description="Overrides the preset.")
     shift: float | None = Field(default=None, gt=0.0, le=100.0, description="Overrides the preset.")
+    loras: list[LoraEntry] = loras_field()
 
     @field_validator("width", "height")
     @classmethod
@@ -104,6 +107,7 @@ class Start:
     height: int
     sampling: Sampling
     seed: int
+    lora_nodes: dict[str, int]
 
     @classmethod
     def of(cls, request: WanRequest, template: str, presets: Presets, ctx: JobContext,
@@ -116,7 +120,9 @@ class Start:
         b.set("start_image", image=ref)
         b.set("negative", text=request.negative_prompt)
         sampling.configure_models(b)
-        return cls(files, b, width, height, sampling, draw_seed(request.seed))
+        # The experts' model chains end in their shift nodes; a request's LoRAs go just before.
+        lora_nodes = add_loras(b, request.loras, {"high": "shift_high", "low": "shift_low"})
+        return cls(files, b, width, height, sampling, draw_seed(request.seed), lora_nodes)
 
     def settings(self) -> dict[str, Any]:
         return {"seed": self.seed, **self.sampling.settings(), "width": self.width, "height": self.height}
