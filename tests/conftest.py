@@ -64,12 +64,21 @@ def real_leg(config: pytest.Config) -> bool:
     return bool(config.getoption("--comfyui") == "real")
 
 
+# A real ComfyUI's start and first model load count against the first test that uses it; on a
+# busy 2-core machine that alone can pass pytest-timeout's default (pyproject.toml).
+REAL_LEG_TIMEOUT_S = 300
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not real_leg(config):
         return
     keep = [item for item in items if "comfyui" in getattr(item, "fixturenames", ())]
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = keep
+    for item in keep:
+        marker = item.get_closest_marker("timeout")
+        if marker is None or (marker.args and marker.args[0] < REAL_LEG_TIMEOUT_S):
+            item.add_marker(pytest.mark.timeout(REAL_LEG_TIMEOUT_S), append=False)
 
 
 @pytest.fixture(scope="session")

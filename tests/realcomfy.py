@@ -55,13 +55,14 @@ def server_args(base: Path) -> list[str]:
                        for arg in (f"--{name}-directory", str(base / name)))]
 
 
-def prepare_folders(base: Path, install: Install) -> Path:
-    """`base`'s folders, with the tiny models linked into models/; returns the model paths config."""
+def prepare_folders(base: Path, install: Install, models: bool = True) -> Path:
+    """`base`'s folders, with the tiny models linked into models/ (unless `models` is false);
+    returns the model paths config."""
     for name in ("input", "output", "temp", "user"):
         (base / name).mkdir(parents=True, exist_ok=True)
     for name in COMFY_FOLDERS:
         (base / "models" / name).mkdir(parents=True, exist_ok=True)
-    for model in install.models.glob("*/*.safetensors"):
+    for model in install.models.glob("*/*.safetensors") if models else ():
         link = base / "models" / model.parent.name / model.name
         if not link.exists():
             link.symlink_to(model)
@@ -110,8 +111,8 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_
 
 
 @contextmanager
-def start_real_comfyui(install: Install, base: Path, port: int) -> Iterator[RealComfyUI]:
-    config = prepare_folders(base, install)
+def start_real_comfyui(install: Install, base: Path, port: int, models: bool = True) -> Iterator[RealComfyUI]:
+    config = prepare_folders(base, install, models)
     log_path = base / "comfyui.log"
     argv = [str(install.python), "main.py", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
             "--extra-model-paths-config", str(config), *server_args(base)]
