@@ -65,6 +65,17 @@ def sampling_fake(fake: ComfyTarget, step_delay_s: float) -> Iterator[ComfyTarge
         set_config(fake.url, step_delay_s=0.01)
 
 
+@contextlib.contextmanager
+def sampling(comfy: ComfyTarget, step_delay_s: float) -> Iterator[ComfyTarget]:
+    """A ComfyUI that runs sampler_graph: the fake at `step_delay_s` a step, or a real one as it
+    is (tests/comfyui_env's tiny checkpoint, about 0.07 s a step on a CPU)."""
+    if not comfy.is_fake:
+        yield comfy
+        return
+    with sampling_fake(comfy, step_delay_s) as fake:
+        yield fake
+
+
 def settings(comfy: ComfyTarget, tmp_path: Path, **overrides: Any) -> Settings:
     """A worker attached to `comfy` (sharing its disk), working in `tmp_path`."""
     assert comfy.base_dir is not None
