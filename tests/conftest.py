@@ -60,6 +60,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "DIFFBOX_TEST_COMFYUI_URL is set)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fake_leg_only(reason): uses ComfyUI, but runs in the fake leg only")
+
+
 def real_leg(config: pytest.Config) -> bool:
     return bool(config.getoption("--comfyui") == "real")
 
@@ -72,7 +76,8 @@ REAL_LEG_TIMEOUT_S = 300
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not real_leg(config):
         return
-    keep = [item for item in items if "comfyui" in getattr(item, "fixturenames", ())]
+    keep = [item for item in items if "comfyui" in getattr(item, "fixturenames", ())
+            and item.get_closest_marker("fake_leg_only") is None]
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = keep
     for item in keep:
