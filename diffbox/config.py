@@ -21,7 +21,7 @@ Backend = Literal["comfyui", "vllm"]
 NAMED_WORKFLOWS = ("i2v", "svi", "qwen_edit", "chat")
 
 
-def _flag(value: str | None, default: bool) -> bool:
+def flag(value: str | None, default: bool) -> bool:
     if value is None or value == "":
         return default
     return value.strip().lower() not in ("0", "false", "no", "off")
@@ -101,10 +101,10 @@ class Settings(BaseModel):
             values["backends"] = backends
         if workflows := _csv(get("DIFFBOX_WORKFLOWS")):
             values["workflows"] = workflows
-        values["allow_raw_workflows"] = _flag(get("DIFFBOX_ALLOW_RAW_WORKFLOWS"), True)
+        values["allow_raw_workflows"] = flag(get("DIFFBOX_ALLOW_RAW_WORKFLOWS"), True)
         if allow := _csv(get("DIFFBOX_RAW_NODE_ALLOWLIST")):
             values["raw_node_allowlist"] = allow
-        values["allow_private_urls"] = _flag(get("DIFFBOX_ALLOW_PRIVATE_URLS"), False)
+        values["allow_private_urls"] = flag(get("DIFFBOX_ALLOW_PRIVATE_URLS"), False)
         simple = {
             "comfyui_dir": "DIFFBOX_COMFYUI_DIR",
             "comfyui_url": "DIFFBOX_COMFYUI_URL",

@@ -67,6 +67,20 @@ class Service:
             self.settings.warmup, self.settings.serves,
             lambda job_id, payload: self._run_blocking(job_id, payload, _no_progress, threading.Event()))
 
+    def restored(self, settings: Settings) -> None:
+        """This container's own settings and storage client, after a memory snapshot's restore
+        (or at once where there is none): credentials read now, never kept in a snapshot."""
+        self.settings = settings
+        self.s3 = S3Store(settings.s3) if settings.s3 is not None else None
+        # A warm-up run before the snapshot cost this container nothing: nothing to report.
+        self._warmup_timings = {}
+
+    def drop_connections(self) -> None:
+        """Close the pooled connections to the backends (a snapshot cannot keep them); the
+        next request opens new ones."""
+        if self.comfy is not None:
+            self.comfy.client.http.close()
+
     def stop(self) -> None:
         if self.comfy is not None:
             self.comfy.supervisor.stop()

@@ -100,15 +100,19 @@ def decoded(image_b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB")
 
 
-def inversion_error(output: Image.Image, original: Image.Image) -> int:
-    """The largest channel difference between `output` and the exact inversion of `original`
-    (255 when the sizes differ). ComfyUI's ImageInvert works in float and rounds, so the real
-    one is off by one level here and there: callers allow 1."""
-    expected = ImageOps.invert(original.convert("RGB"))
-    if output.size != expected.size:
+def max_difference(a: Image.Image, b: Image.Image) -> int:
+    """The largest channel difference between two images (255 when the sizes differ). Real
+    ComfyUI nodes work in float and round, so outputs are off by a level here and there:
+    callers allow 1 where an exact result is known."""
+    if a.size != b.size:
         return 255
-    extrema = ImageChops.difference(output.convert("RGB"), expected).getextrema()
+    extrema = ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getextrema()
     return max(high for _, high in extrema)
+
+
+def inversion_error(output: Image.Image, original: Image.Image) -> int:
+    """How far `output` is from the exact inversion of `original` (see max_difference)."""
+    return max_difference(output, ImageOps.invert(original.convert("RGB")))
 
 
 def is_inversion_of(output_b64: str, input_b64: str) -> bool:

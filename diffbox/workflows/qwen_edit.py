@@ -2,9 +2,9 @@
 PNG, wired as the official `image_qwen_image_edit_2511` / `_2509` templates
 (`workflows/qwen_edit_2511.json`, `qwen_edit_2509.json`).
 
-One difference from the templates: the first image is scaled to the requested size with
-`ImageScale` (center crop) instead of `FluxKontextImageScale`'s fixed list, so width and
-height can be asked for; by default they keep the first image's aspect at about 1 MP.
+As in the templates, `FluxKontextImageScale` scales the first image to the size of its list
+nearest to the image's aspect (about 1 MP). A request that names a width or height gets that
+size instead, through `ImageScale` (lanczos, center crop).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from .base import ImageLoader, JobContext, Plan
 from .common import PROMPT_MAX, InputFiles, Prompt, TypedRequest, draw_seed
 from .graph import GraphBuilder
-from .sizing import SizeRule
+from .sizing import SizeRule, kontext_size
 
 SIZE = SizeRule(multiple=8, low=256, high=2048, area=1024 * 1024)
 Model = Literal["2511", "2509"]
@@ -44,8 +44,10 @@ class QwenEditRequest(TypedRequest):
     images: list[str] = Field(min_length=1, max_length=3, description="1 to 3 images; the first is edited.")
     prompt: Prompt = Field(description="The edit instruction.")
     negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
-    width: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default from the first image.")
-    height: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default from the first image.")
+    width: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default: the "
+                              "FluxKontextImageScale size nearest the first image's aspect (about 1 MP).")
+    height: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default: the "
+                               "FluxKontextImageScale size nearest the first image's aspect (about 1 MP).")
     model: Model = "2511"
     steps: int | None = Field(default=None, ge=1, le=100, description="Overrides the preset.")
     cfg: float | None = Field(default=None, ge=0.0, le=30.0, description="Overrides the preset.")
@@ -71,7 +73,6 @@ def plan(request: QwenEditRequest, ctx: JobContext, load_image: ImageLoader) -> 
     first, first_ref = files.add(request.images[0], "images[0]", "image1")
     refs = [first_ref] + [files.add(value, f"images[{i}]", f"image{i + 1}")[1]
                           for i, value in enumerate(request.images[1:], start=1)]
-    width, height = SIZE.resolve(request.width, request.height, first.width / first.height)
     preset = PRESETS[(request.model, request.preset)]
     steps = request.steps or preset.steps
     cfg = preset.cfg if request.cfg is None else request.cfg
@@ -79,7 +80,13 @@ def plan(request: QwenEditRequest, ctx: JobContext, load_image: ImageLoader) -> 
 
     b = GraphBuilder.from_template(f"qwen_edit_{request.model}")
     b.set("image1", image=refs[0])
-    b.set("scale", width=width, height=height)
+    aspect = first.width / first.height
+    if request.width is None and request.height is None:
+        width, height = kontext_size(aspect)
+    else:
+        width, height = SIZE.resolve(request.width, request.height, aspect)
+        b.retype("scale", "ImageScale")
+        b.set("scale", upscale_method="lanczos", width=width, height=height, crop="center")
     for i, ref in enumerate(refs[1:], start=2):
         loaded = b.add("LoadImage", f"image{i}", image=ref)
         b.set("positive", **{f"image{i}": loaded})

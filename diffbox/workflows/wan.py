@@ -28,10 +28,12 @@ class Preset:
     steps: int
     switch: int
     cfg: float
+    shift: float
     lightning: bool
 
 
-PRESETS = {"fast": Preset(4, 2, 1.0, True), "quality": Preset(20, 10, 3.5, False)}
+# A workflow's presets by name; each holds its reference's values (workflows/README.md names them).
+Presets = dict[str, Preset]
 
 
 class WanRequest(TypedRequest):
@@ -43,7 +45,7 @@ class WanRequest(TypedRequest):
     fps: int = Field(default=16, ge=1, le=60)
     steps: int | None = Field(default=None, ge=2, le=100, description="Overrides the preset; switch at half.")
     cfg: float | None = Field(default=None, ge=0.0, le=30.0, description="Overrides the preset.")
-    shift: float = Field(default=5.0, gt=0.0, le=100.0)
+    shift: float | None = Field(default=None, gt=0.0, le=100.0, description="Overrides the preset.")
 
     @field_validator("width", "height")
     @classmethod
@@ -61,12 +63,13 @@ class Sampling:
     lightning: bool
 
     @classmethod
-    def of(cls, request: WanRequest) -> Sampling:
-        preset = PRESETS[request.preset]
+    def of(cls, request: WanRequest, presets: Presets) -> Sampling:
+        preset = presets[request.preset]
         steps = request.steps or preset.steps
         switch = preset.switch if request.steps is None else steps // 2
         cfg = preset.cfg if request.cfg is None else request.cfg
-        return cls(request.preset, steps, switch, cfg, request.shift, preset.lightning)
+        shift = preset.shift if request.shift is None else request.shift
+        return cls(request.preset, steps, switch, cfg, shift, preset.lightning)
 
     def settings(self) -> dict[str, Any]:
         return {"preset": self.preset, "steps": self.steps, "switch_step": self.switch,
@@ -103,11 +106,12 @@ class Start:
     seed: int
 
     @classmethod
-    def of(cls, request: WanRequest, template: str, ctx: JobContext, load_image: ImageLoader) -> Start:
+    def of(cls, request: WanRequest, template: str, presets: Presets, ctx: JobContext,
+           load_image: ImageLoader) -> Start:
         files = InputFiles(ctx, load_image)
         image, ref = files.add(request.image, "image", "start")
         width, height = SIZE.resolve(request.width, request.height, image.width / image.height)
-        sampling = Sampling.of(request)
+        sampling = Sampling.of(request, presets)
         b = GraphBuilder.from_template(template)
         b.set("start_image", image=ref)
         b.set("negative", text=request.negative_prompt)

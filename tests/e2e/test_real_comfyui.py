@@ -1,7 +1,8 @@
 """What only a real ComfyUI shows (run with `--comfyui=real`; skipped against the fake): a real
 sampler's progress on a tiny random-weight checkpoint (tests/comfyui_env), interrupts inside
-real sampling steps, ComfyUI killed and restarted by the worker's own supervisor, a warm-up
-at start, and every typed request's graph checked by the real /prompt validation.
+real sampling steps, ComfyUI killed and restarted by the worker's own supervisor, a warm-up at
+start, an animated output. (Every typed request's graph through the real /prompt validation:
+test_graph_validation.py, which runs in both legs.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -22,14 +22,12 @@ import pytest
 import requests
 from PIL import Image
 
-from diffbox.backends.comfyui import ComfyClient
 from diffbox.config import Settings
 from diffbox.service import Service
 from tests.conftest import ComfyTarget, free_port, start_runpod_api, worker_env
 from tests.jobkit import INVERT_GRAPH, invert_job, is_inversion_of, job_files, png_b64, queue_ids, sampler_graph
 from tests.jobkit import settings as attached
 from tests.realcomfy import TINY_CHECKPOINT, installed, prepare_folders, server_args
-from tests.unit.workflow_cases import CTX, plan_of
 
 IMAGE = png_b64((200, 30, 90), (40, 32))
 # Long enough that only an interrupt ends it in the test's time (about 0.07 s a step here).
@@ -153,7 +151,7 @@ def test_warm_up_at_start_without_weights_is_logged_and_the_worker_serves(real: 
     warm = [json.loads(line) for line in api.logs().splitlines() if '"warm-up' in line]
     assert [(e["msg"], e["spec"], e["error_type"]) for e in warm] == [
         ("warm-up failed", "qwen_edit:fast:2509", "backend")]
-    assert warm[0]["error"].startswith("missing model files for qwen_edit:2509:fast"), warm
+    assert warm[0]["error"].startswith("model files for qwen_edit:2509:fast missing"), warm
 
 
 async def test_animated_webp_from_a_raw_graph(real: ComfyTarget, tmp_path: Path) -> None:
@@ -172,88 +170,3 @@ async def test_animated_webp_from_a_raw_graph(real: ComfyTarget, tmp_path: Path)
     assert webp["content_type"] == "image/webp"
     with Image.open(io.BytesIO(base64.b64decode(webp["data"]))) as decoded:
         assert decoded.n_frames == 6 and decoded.size == (40, 32)
-
-
-# Every typed request's graph against the real /prompt validation. The weights are absent, so
-# these errors, and only these, are expected:
-MODEL_FILE_INPUTS = {
-    ("UNETLoader", "unet_name"), ("LoraLoaderModelOnly", "lora_name"), ("CLIPLoader", "clip_name"),
-    ("VAELoader", "vae_name"),
-}
-# ComfyUI 0.3.64 predates Qwen Image Edit 2511's reference method (Comfy-Org/ComfyUI PR #11340,
-# 2025-12-16); a ComfyUI that lists it validates it like any other value.
-NEWER_THAN_0_3_64 = {("FluxKontextMultiReferenceLatentMethod", "reference_latents_method", "index_timestep_zero")}
-
-TYPED_CASES = [
-    ("i2v-fast", {"workflow": "i2v", "image": "x", "prompt": "p", "preset": "fast"}),
-    ("i2v-quality", {"workflow": "i2v", "image": "x", "prompt": "p", "preset": "quality"}),
-    ("i2v-first-last", {"workflow": "i2v", "image": "x", "end_image": "y", "prompt": "p"}),
-    ("svi-1", {"workflow": "svi", "image": "x", "prompt": "p", "clips": 1}),
-    ("svi-3", {"workflow": "svi", "image": "x", "prompts": ["a", "b", "c"], "preset": "quality"}),
-    *[(f"qwen-{model}-{n}", {"workflow": "qwen_edit", "images": ["x"] * n, "prompt": "p", "model": model})
-      for model in ("2509", "2511") for n in (1, 2, 3)],
-]
-
-
-def unexpected_errors(response: requests.Response) -> list[str]:
-    """What in ComfyUI's answer to POST /prompt is not an absent weight file."""
-    if response.status_code == 200:
-        return []
-    body = response.json()
-    if body["error"]["type"] != "prompt_outputs_failed_validation":
-        return [f"{body['error']['type']}: {body['error']['message']}"]
-    found = []
-    for node_id, node in body["node_errors"].items():
-        for error in node["errors"]:
-            info = error.get("extra_info", {})
-            key = (node["class_type"], info.get("input_name"))
-            allowed = error["type"] == "value_not_in_list" and (
-                key in MODEL_FILE_INPUTS or (*key, info.get("received_value")) in NEWER_THAN_0_3_64)
-            if not allowed:
-                found.append(f"node {node_id} ({node['class_type']}): {error['type']}: {error['details']}")
-    return found
-
-
-@pytest.fixture(scope="module")
-def validate(real_comfyui: ComfyTarget) -> Iterator[Any]:
-    client = ComfyClient(real_comfyui.url)
-
-    def post(payload: dict[str, Any], edit: Any = None) -> requests.Response:
-        plan = plan_of(payload)
-        for upload in plan.uploads:
-            client.upload_image(upload.name, upload.data, CTX.subfolder)
-        graph = edit(plan.graph) if edit else plan.graph
-        response = requests.post(f"{real_comfyui.url}/prompt", json={"prompt": graph, "client_id": "validate"},
-                                 timeout=30)
-        if response.status_code == 200:  # queued after all: take it back
-            requests.post(f"{real_comfyui.url}/queue", json={"delete": [response.json()["prompt_id"]]}, timeout=10)
-            requests.post(f"{real_comfyui.url}/interrupt", timeout=10)
-        return response
-
-    yield post
-    assert real_comfyui.base_dir is not None
-    shutil.rmtree(real_comfyui.base_dir / "input" / CTX.subfolder, ignore_errors=True)
-
-
-@pytest.mark.parametrize(("case", "payload"), TYPED_CASES, ids=[c for c, _ in TYPED_CASES])
-def test_typed_graph_passes_real_validation_but_for_absent_weights(validate: Any, case: str,
-                                                                   payload: dict[str, Any]) -> None:
-    response = validate(payload)
-    assert response.status_code == 400  # the weights are absent
-    assert unexpected_errors(response) == []
-
-
-def test_the_validation_check_catches_an_unknown_node_and_a_wrong_value(validate: Any) -> None:
-    payload = TYPED_CASES[0][1]
-
-    def unknown(graph: dict[str, Any]) -> dict[str, Any]:
-        first = next(iter(graph))
-        return {**graph, first: {**graph[first], "class_type": "NoSuchNode"}}
-
-    def out_of_range(graph: dict[str, Any]) -> dict[str, Any]:
-        [(node_id, node)] = [(k, n) for k, n in graph.items() if n["class_type"] == "WanImageToVideo"]
-        return {**graph, node_id: {**node, "inputs": {**node["inputs"], "length": 0}}}
-
-    assert unexpected_errors(validate(payload, unknown))
-    [error] = unexpected_errors(validate(payload, out_of_range))
-    assert "WanImageToVideo" in error and "value_smaller_than_min" in error
