@@ -72,9 +72,10 @@ async def test_real_sampler_reports_its_steps(real: ComfyTarget, tmp_path: Path)
     [image] = result["images"]
     assert (image["filename"], image["width"], image["height"]) == ("sampled_00001_.png", 64, 64)
     assert result["seeds"] == {"5": 7}
+    # Updates are throttled (about one a second): which steps show depends on the machine's speed.
     steps = [(u["step"], u["steps"]) for u in updates if u.get("node") == "KSampler" and "step" in u]
     assert steps and {total for _, total in steps} == {6}
-    assert [s for s, _ in steps] == sorted(s for s, _ in steps) and steps[-1][0] >= 5
+    assert [s for s, _ in steps] == sorted(s for s, _ in steps) and all(1 <= s <= 6 for s, _ in steps)
     percents = [u["percent"] for u in updates]
     assert percents == sorted(percents)
 
