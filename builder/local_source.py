@@ -123,9 +123,12 @@ def _unpack(source: LocalSource, target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        with tarfile.open(source.path) as archive:
-            # "data" refuses absolute paths, links out of the tree and device files.
-            archive.extractall(staging, filter="data")
+        try:
+            with tarfile.open(source.path) as archive:
+                # "data" refuses absolute paths, links out of the tree and device files.
+                archive.extractall(staging, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise BuildError(f"{source.path}: cannot unpack: {exc}") from exc
         top = staging / source.name
         if not top.is_dir() or len(list(staging.iterdir())) != 1:
             raise BuildError(f"{source.path}: expected one top folder named {source.name}")

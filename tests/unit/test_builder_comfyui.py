@@ -197,3 +197,16 @@ def test_an_unreachable_repository_says_how_to_install_without_github(
     assert main(["comfyui", "--dest", str(tmp_path / "d"), "--pins", str(tmp_path / "gone.json"),
                  "--no-deps-install"]) == 2
     assert "--source DIR_OR_ARCHIVE or DIFFBOX_COMFYUI_SOURCE" in capsys.readouterr().err
+
+
+def test_an_archive_reaching_out_of_its_tree_is_refused(
+    tmp_path: Path, upstream: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    _archive(src / "ComfyUI-a125cd8.tar.gz", "ComfyUI", {"main.py": "x\n", "../../escaped.txt": "no\n"})
+    args = ["comfyui", "--dest", str(tmp_path / "d"), "--pins", str(_pins(tmp_path, upstream, "comfy_v1")),
+            "--no-deps-install", "--source", str(src)]
+    assert main(args) == 2
+    assert "ComfyUI-a125cd8.tar.gz: cannot unpack" in capsys.readouterr().err
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "d" / "escaped.txt").exists()
