@@ -5,7 +5,7 @@ UV_VERSION := 0.13.8
 COMFYUI_DEST ?= .comfyui
 export DIFFBOX_TEST_CACHE ?= $(HOME)/.cache/diffbox-test
 
-.PHONY: setup run test lint vllm-env
+.PHONY: setup run test lint vllm-env comfyui-env
 
 setup:
 	@command -v uv >/dev/null 2>&1 && uv --version | grep -q "$(UV_VERSION)" || python3 -m pip install -q "uv==$(UV_VERSION)"
@@ -27,10 +27,16 @@ run: setup
 vllm-env:
 	bash tests/vllm_env/setup.sh "$(DIFFBOX_TEST_CACHE)"
 
+# The real ComfyUI of the tests' real leg: from GitHub, or from DIFFBOX_COMFYUI_SOURCE (local archives).
+comfyui-env: setup
+	bash tests/comfyui_env/setup.sh "$(DIFFBOX_TEST_CACHE)"
+
 lint: setup
 	uv run ruff check .
 	uv run mypy
 	uv run mypy builder
 
-test: setup vllm-env lint
-	uv run pytest
+# Everything against the fake ComfyUI, then the tests that talk to ComfyUI against a real one.
+test: setup vllm-env comfyui-env lint
+	uv run pytest --comfyui=fake
+	uv run pytest --comfyui=real

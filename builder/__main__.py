@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from diffbox.model_paths import CONFIG_NAME, chat_model_dir, write_extra_model_p
 from diffbox.workflows import manifest as manifest_module
 from diffbox.workflows.graph import WORKFLOWS_DIR
 
-from . import BuildError, comfyui, weights
+from . import BuildError, comfyui, local_source, weights
 
 
 def _csv(value: str) -> list[str] | None:
@@ -95,8 +96,10 @@ def _paths(args: argparse.Namespace) -> int:
 
 def _comfyui(args: argparse.Namespace) -> int:
     torch = tuple(args.torch.split()) if args.torch else comfyui.TORCH_PACKAGES
+    sources = args.source or local_source.from_environment()
     folder = comfyui.install(args.dest, pins=args.pins, cpu=args.cpu, torch_index=args.torch_index,
-                             torch_packages=torch, deps=not args.no_deps_install)
+                             torch_packages=torch, deps=not args.no_deps_install, sources=sources,
+                             installer=args.installer)
     print(f"ComfyUI ready in {folder}" + ("" if args.no_deps_install else f", python {args.dest / 'venv/bin/python'}"))
     return 0
 
@@ -144,9 +147,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", type=Path, required=True)
     p.add_argument("--pins", type=Path, default=comfyui.PINS)
     p.add_argument("--cpu", action="store_true", help=f"torch from {comfyui.TORCH_CPU_INDEX}")
-    p.add_argument("--torch-index", help="install torch from this index first (e.g. .../whl/cu128)")
+    p.add_argument("--torch-index", help="install torch from this index first (e.g. .../whl/cu128); "
+                   f"{comfyui.DEFAULT_INDEX!r}: from the installer's own index (PyPI or its mirror)")
     p.add_argument("--torch", help=f"torch packages, space-separated (default: {' '.join(comfyui.TORCH_PACKAGES)})")
     p.add_argument("--no-deps-install", action="store_true", help="clone only: no venv, no pip")
+    p.add_argument("--installer", choices=comfyui.INSTALLERS,
+                   help="what installs into the venv (default: uv when on PATH, else pip); pip reads pip.conf")
+    p.add_argument("--source", type=Path, action="append", metavar="DIR_OR_ARCHIVE",
+                   help="take checkouts from here, not GitHub (repeatable): NAME-COMMIT.tar.gz archives "
+                   "(top folder NAME), trees in folders named NAME, or folders holding them; "
+                   f"default: ${local_source.ENV_VAR} (paths separated by {os.pathsep!r})")
     p.set_defaults(run=_comfyui)
     return top
 

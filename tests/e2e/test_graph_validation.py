@@ -1,7 +1,7 @@
 """Every typed graph passes ComfyUI's own /prompt validation but for its weights.
 
-Runs against the fake ComfyUI, and against a real one (with KJNodes at the pinned commit) when
-DIFFBOX_TEST_COMFYUI_URL is set: there it checks our node classes, input names, types, ranges
+Runs against the fake ComfyUI, and in the real leg (`--comfyui=real`) against a real one with
+KJNodes: there it checks our node classes, input names, types, ranges
 and options (KJNodes' `WanImageToVideoSVIPro` and `ImageBatchExtendWithOverlap` included)
 against the node schemas themselves. No weights are installed, so every model file is refused
 as `value_not_in_list` and nothing runs; each loader must be refused for that alone.
@@ -96,3 +96,28 @@ def test_comfyui_refuses_each_typed_graph_for_its_missing_weights_only(
                   for i, v in node_errors.items()}
     assert {i: errors for i, errors in unexpected.items() if errors} == {}
     assert set(loaders) <= set(node_errors)  # every loader was checked, and refused for its file alone
+
+
+def test_an_unknown_node_or_a_wrong_value_is_not_taken_for_a_missing_weight(comfyui: ComfyTarget) -> None:
+    """The check above can fail: what is not an absent weight file stays unexpected."""
+    workflow, request = parse(CASES[0][1])
+    ctx = JobContext("validate-wrong", uuid.uuid4().hex[:8])
+    plan = workflow.plan(request, ctx, _png_loader)
+    client = ComfyClient(comfyui.url)
+    [(wan_id, wan)] = [(i, n) for i, n in plan.graph.items() if n["class_type"] == "WanImageToVideo"]
+    try:
+        for upload in plan.uploads:
+            client.upload_image(upload.name, upload.data, ctx.subfolder)
+        wrong = {**plan.graph, wan_id: {**wan, "inputs": {**wan["inputs"], "length": 0}}}
+        with pytest.raises(JobError) as refused:
+            client.queue_prompt(wrong, "validation-test", str(uuid.uuid4()))
+        errors = refused.value.details["node_errors"][wan_id]["errors"]
+        assert [e["type"] for e in errors if not _expected_refusal(comfyui, wrong[wan_id], e)] == [
+            "value_smaller_than_min"]
+        unknown = {**plan.graph, wan_id: {**wan, "class_type": "NoSuchNode"}}
+        with pytest.raises(JobError) as refused:
+            client.queue_prompt(unknown, "validation-test", str(uuid.uuid4()))
+        assert "NoSuchNode" in refused.value.message
+    finally:
+        if comfyui.base_dir is not None:
+            shutil.rmtree(comfyui.base_dir / "input" / ctx.subfolder, ignore_errors=True)

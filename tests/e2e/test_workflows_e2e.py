@@ -111,7 +111,8 @@ def test_svi_returns_the_joined_video_and_every_clip(api: RunpodApi) -> None:
 
 
 # In-process: the SDK's local API has no /cancel (and answers an error result with HTTP 500),
-# and an empty models folder is per worker.
+# and an empty models folder is per worker. The requests refused before queuing run on both
+# ComfyUIs (`comfyui`); the rest needs the fake's stand-in model nodes (`comfy`).
 
 
 def _service(comfy: ComfyTarget, tmp_path: Path, **overrides: Any) -> Service:
@@ -125,24 +126,24 @@ def _history_size(comfy: ComfyTarget) -> int:
     return len(requests.get(f"{comfy.url}/history", timeout=5).json())
 
 
-async def test_bad_request_is_refused_before_queuing(comfy: ComfyTarget, tmp_path: Path) -> None:
-    before = _history_size(comfy)
-    result = await _service(comfy, tmp_path).run("bad", {"workflow": "i2v", "image": png(64, 64), "prompt": "x",
+async def test_bad_request_is_refused_before_queuing(comfyui: ComfyTarget, tmp_path: Path) -> None:
+    before = _history_size(comfyui)
+    result = await _service(comfyui, tmp_path).run("bad", {"workflow": "i2v", "image": png(64, 64), "prompt": "x",
                                                          "frames": 80})
     assert result["error"] == {"type": "validation", "message": "frames: must be 4n+1 between 5 and 161, got 80",
                                "details": [{"field": "frames", "message": "must be 4n+1 between 5 and 161, got 80"}]}
-    assert _history_size(comfy) == before
+    assert _history_size(comfyui) == before
 
 
-async def test_endpoint_serves_only_its_workflows(comfy: ComfyTarget, tmp_path: Path) -> None:
-    service = _service(comfy, tmp_path, workflows=["qwen_edit"])
+async def test_endpoint_serves_only_its_workflows(comfyui: ComfyTarget, tmp_path: Path) -> None:
+    service = _service(comfyui, tmp_path, workflows=["qwen_edit"])
     result = await service.run("not-here", {"workflow": "i2v", "image": png(64, 64), "prompt": "x"})
     assert result["error"]["message"] == "workflow: 'i2v' is not served by this endpoint"
 
 
-async def test_missing_weights_fail_before_queuing(comfy: ComfyTarget, tmp_path: Path) -> None:
-    service = _service(comfy, tmp_path, models_dir=tmp_path / "empty")
-    before = _history_size(comfy)
+async def test_missing_weights_fail_before_queuing(comfyui: ComfyTarget, tmp_path: Path) -> None:
+    service = _service(comfyui, tmp_path, models_dir=tmp_path / "empty")
+    before = _history_size(comfyui)
     result = await service.run("no-weights", {"workflow": "svi", "image": png(64, 64), "prompt": "x",
                                               "preset": "quality"})
     error = result["error"]
@@ -150,7 +151,7 @@ async def test_missing_weights_fail_before_queuing(comfy: ComfyTarget, tmp_path:
     assert error["message"].startswith("model files for svi:quality missing or not as weights.lock.json records")
     assert {(m["folder"], m["file"], m["problem"]) for m in error["details"]["files"]} == {
         (f.folder, f.name, "missing") for f in manifest.load().required("svi", "quality")}
-    assert _history_size(comfy) == before  # nothing reached ComfyUI
+    assert _history_size(comfyui) == before  # nothing reached ComfyUI
 
 
 async def test_a_volume_whose_files_differ_from_its_lock_names_them_and_the_fetch_command(

@@ -1456,7 +1456,7 @@ def wan_image_to_video(ctx: NodeContext, positive: Handle, negative: Handle, vae
 
 @node("WanImageToVideoSVIPro")
 def wan_image_to_video_generic(ctx: NodeContext, **inputs: Any) -> NodeResult:
-    """A Wan image-to-video conditioning node whose schema comes from extra_schemas/: the latent
+    """A Wan image-to-video conditioning node (KJNodes' schema, recorded in object_info.json): the latent
     takes width/height/length from its inputs, or the size of its first image or latent input
     (WanImageToVideoSVIPro sizes its video by the anchor latent)."""
     images = [v for v in inputs.values() if isinstance(v, list) and v and isinstance(v[0], Image.Image)]
