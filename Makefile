@@ -2,7 +2,6 @@
 # Each installs what it needs first, so both work on a fresh machine.
 
 UV_VERSION := 0.13.8
-COMFYUI_DEST ?= .comfyui
 export DIFFBOX_TEST_CACHE ?= $(HOME)/.cache/diffbox-test
 
 .PHONY: setup run test lint vllm-env comfyui-env
@@ -13,14 +12,16 @@ setup:
 
 # A real ComfyUI on the CPU running test_input.json (a model-free graph) on a worker in this
 # process (`--endpoint local`): live progress, outputs saved into $(RUN_OUT), a summary.
-# DIFFBOX_COMFYUI_URL (a running ComfyUI) or DIFFBOX_COMFYUI_DIR (an existing install)
-# skip the install of the pinned ComfyUI release into $(COMFYUI_DEST).
+# The ComfyUI is the one `make comfyui-env` installs (the tests' real leg: from GitHub, or from
+# DIFFBOX_COMFYUI_SOURCE); DIFFBOX_COMFYUI_URL (a running ComfyUI) or DIFFBOX_COMFYUI_DIR (an
+# existing install, with DIFFBOX_COMFYUI_PYTHON) skip that install.
 RUN_OUT ?= out
+COMFYUI_ENV := $(DIFFBOX_TEST_CACHE)/comfyui
 run: setup
 	@if [ -z "$$DIFFBOX_COMFYUI_URL" ] && [ -z "$$DIFFBOX_COMFYUI_DIR" ]; then \
-		uv run python -m builder comfyui --dest $(COMFYUI_DEST) --cpu; fi
-	DIFFBOX_COMFYUI_DIR=$${DIFFBOX_COMFYUI_DIR:-$(COMFYUI_DEST)/ComfyUI} \
-	DIFFBOX_COMFYUI_PYTHON=$${DIFFBOX_COMFYUI_PYTHON:-$$( [ -x $(COMFYUI_DEST)/venv/bin/python ] && echo $(CURDIR)/$(COMFYUI_DEST)/venv/bin/python || echo python3)} \
+		bash tests/comfyui_env/setup.sh "$(DIFFBOX_TEST_CACHE)" >/dev/null; fi
+	DIFFBOX_COMFYUI_DIR=$${DIFFBOX_COMFYUI_DIR:-$(COMFYUI_ENV)/ComfyUI} \
+	DIFFBOX_COMFYUI_PYTHON=$${DIFFBOX_COMFYUI_PYTHON:-$$( [ -x $(COMFYUI_ENV)/venv/bin/python ] && echo $(COMFYUI_ENV)/venv/bin/python || echo python3)} \
 	DIFFBOX_COMFYUI_ARGS=$${DIFFBOX_COMFYUI_ARGS:---cpu} \
 	uv run --frozen python -m diffbox run --endpoint local --input test_input.json --out $(RUN_OUT) --poll 0.2
 
