@@ -11,6 +11,8 @@ written to a `modal.Dict` under the call id, which is also the job id `/run` ret
 
 Deploy-time settings are environment variables read where `modal deploy` runs:
 DIFFBOX_MODAL_GPU (default H100; a comma-separated list is a fallback order),
+DIFFBOX_MODAL_SNAPSHOT (memory snapshots, on by default; 0 turns them off),
+DIFFBOX_MODAL_GPU_SNAPSHOT (Modal's alpha GPU memory snapshots, off by default),
 DIFFBOX_MODAL_SCALEDOWN_S, DIFFBOX_MODAL_S3_SECRET / DIFFBOX_MODAL_HF_SECRET (names of Modal
 Secrets, none by default), DIFFBOX_MODAL_API_SECRET (a Secret holding DIFFBOX_API_KEY;
 "diffbox-api" by default, empty for a public endpoint), and the worker's own DIFFBOX_*
@@ -32,7 +34,7 @@ import modal.exception
 from fastapi import FastAPI
 
 from diffbox import runtime
-from diffbox.config import Settings
+from diffbox.config import Settings, flag
 from diffbox.http_api import Jobs, JobStatus, create_app
 from diffbox.jobs import ProgressPublisher, run_job, stream_job
 from diffbox.service import Service
@@ -53,7 +55,8 @@ VLLM_HOME = "/opt/vllm"
 # What `python -m builder` imports, as Dockerfile.serverless copies it for its builder layers:
 # with only these built in (and an empty diffbox/workflows/__init__.py, which would import
 # every workflow), a code change elsewhere keeps the ComfyUI layer cached.
-BUILDER_FILES = ("diffbox/__init__.py", "diffbox/errors.py", "diffbox/media.py", "diffbox/model_paths.py",
+BUILDER_FILES = ("diffbox/__init__.py", "diffbox/errors.py", "diffbox/media.py", "diffbox/model_lock.py",
+                 "diffbox/model_paths.py",
                  "diffbox/workflows/base.py", "diffbox/workflows/graph.py", "diffbox/workflows/manifest.py")
 MODELS_DIR = "/models"
 # Where the package's sources are mounted: diffbox/ finds workflows/ beside itself.
@@ -82,6 +85,12 @@ class DeployConfig:
     concurrency: int
     timeout_s: int
     startup_timeout_s: int
+    snapshot: bool
+    gpu_snapshot: bool
+
+    @property
+    def snapshot_kind(self) -> runtime.Snapshot:
+        return "gpu" if self.gpu_snapshot else "cpu" if self.snapshot else "none"
 
 
 def deploy_config(env: Mapping[str, str]) -> DeployConfig:
@@ -102,6 +111,7 @@ def deploy_config(env: Mapping[str, str]) -> DeployConfig:
     # both, so the worker's clearer timeout error is what a caller sees. Warm-up runs jobs in
     # `@modal.enter`, before the container takes any.
     margin = 300
+    snapshot = flag(env.get("DIFFBOX_MODAL_SNAPSHOT"), True)
     return DeployConfig(
         app_name=get("DIFFBOX_MODAL_APP", "diffbox"),
         gpu=gpus[0] if len(gpus) == 1 else gpus,
@@ -119,6 +129,8 @@ def deploy_config(env: Mapping[str, str]) -> DeployConfig:
         timeout_s=min(int(settings.startup_timeout_s + settings.job_timeout_s) + margin, MODAL_MAX_TIMEOUT_S),
         startup_timeout_s=min(int(settings.startup_timeout_s + len(settings.warmup) * settings.job_timeout_s)
                               + margin, MODAL_MAX_TIMEOUT_S),
+        snapshot=snapshot,
+        gpu_snapshot=snapshot and flag(env.get("DIFFBOX_MODAL_GPU_SNAPSHOT"), False),
     )
 
 
@@ -192,15 +204,24 @@ def _concurrency(cls: type[Any]) -> Any:
     scaledown_window=CONFIG.scaledown_s,
     timeout=CONFIG.timeout_s,
     startup_timeout=CONFIG.startup_timeout_s,
+    enable_memory_snapshot=CONFIG.snapshot,
+    experimental_options={"enable_gpu_snapshot": True} if CONFIG.gpu_snapshot else None,
 )
 @_concurrency
 class Worker:
     service: Service
 
+    # Modal runs the `snap=True` hook once, before it takes the snapshot new containers are
+    # restored from, and the other in every container after that (both in order, once, where
+    # snapshots are off). See runtime.py for what goes in which.
+    @modal.enter(snap=CONFIG.snapshot)
+    def prepare(self) -> None:
+        self.service = runtime.prepare(CONFIG.snapshot_kind)
+
     @modal.enter()
     def start(self) -> None:
-        # Starts the backends (and the warm-up) once per container, before its first input.
-        self.service = runtime.service()
+        # The backends (and the warm-up), once per container, before its first input.
+        runtime.start(self.service, CONFIG.snapshot_kind)
 
     @modal.exit()
     def stop(self) -> None:
@@ -280,11 +301,15 @@ def web() -> FastAPI:
 
 @app.function(image=cpu_image, volumes={MODELS_DIR: models}, secrets=_secrets(CONFIG.hf_secret),
               timeout=6 * 3600)
-def download_models(workflows: str = "all", presets: str = "all", chat_model: str = "") -> None:
-    """`python -m builder download` into the models Volume (sizes and hashes checked; what is
-    there already is skipped, so an interrupted run resumes)."""
+def download_models(workflows: str = "all", presets: str = "all", chat_model: str = "", locked: str = "") -> None:
+    """`python -m builder download` into the models Volume: sha256 checked against the Hub's,
+    recorded in its weights.lock.json; files the lock already records are skipped, so a second
+    run completes an interrupted one. `locked`: a committed lock (`workflows/locks/NAME.json`)
+    whose commits and bytes are fetched exactly."""
     argv = ["python", "-m", "builder", "download", "--workflows", workflows, "--presets", presets,
             "--dest", MODELS_DIR]
+    if locked:
+        argv += ["--locked", locked]
     if chat_model:
         argv += ["--chat-model", chat_model]
     try:

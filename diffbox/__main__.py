@@ -1,9 +1,10 @@
-"""`python -m diffbox`: tools around the worker that need neither a GPU nor ComfyUI.
+"""`python -m diffbox`: tools around the worker, a client for its endpoints, and a local endpoint.
 
     python -m diffbox schema [WORKFLOW]     JSON Schema of a job's input (or of one workflow's)
     python -m diffbox graph WORKFLOW JSON   the ComfyUI graph a request becomes, not run
     python -m diffbox run WORKFLOW ...      run a job on an endpoint: live progress, outputs saved
     python -m diffbox chat PROMPT ...       chat with an endpoint's model, the answer streamed
+    python -m diffbox serve [--port 8000]   RunPod's endpoint API on this machine, jobs run here
 
 Each subcommand is one entry of `COMMANDS`: its help, its arguments, and what it runs.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,7 +86,22 @@ def _graph(args: argparse.Namespace) -> int:
     except JobError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
+    if plan.lora_nodes:
+        print("note: LoRA files are named by sha256 once the worker has fetched them; "
+              "the graph shows placeholders", file=sys.stderr)
     print(json.dumps(plan.graph, indent=1, ensure_ascii=False))
+    return 0
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve  # the worker and its server: imported only to run them
+
+    serve(args.host, args.port, os.environ.get("DIFFBOX_API_KEY"))
     return 0
 
 
@@ -94,6 +111,9 @@ COMMANDS: dict[str, Command] = {
     "run": Command("run a job on an endpoint with live progress, and save its outputs",
                    client_cli.run_arguments, client_cli.run),
     "chat": Command("chat with an endpoint's model, the answer streamed", client_cli.chat_arguments, client_cli.chat),
+    "serve": Command("serve RunPod's endpoint API (/run, /runsync, /status, /stream, /cancel) with jobs run "
+                     "by a worker in this process, configured by the DIFFBOX_* settings (DIFFBOX_API_KEY: "
+                     "the key callers must send)", _serve_arguments, _serve),
 }
 
 

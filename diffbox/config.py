@@ -21,7 +21,7 @@ Backend = Literal["comfyui", "vllm"]
 NAMED_WORKFLOWS = ("i2v", "svi", "qwen_edit", "chat")
 
 
-def _flag(value: str | None, default: bool) -> bool:
+def flag(value: str | None, default: bool) -> bool:
     if value is None or value == "":
         return default
     return value.strip().lower() not in ("0", "false", "no", "off")
@@ -90,6 +90,12 @@ class Settings(BaseModel):
     work_dir: Path = Path("/tmp/diffbox")
     warmup: list[str] = []
     s3: S3Settings | None = None
+    # LoRAs requests bring (diffbox/loras): the cache's budget and one file's size cap.
+    lora_cache_gb: float = Field(default=50.0, ge=0)
+    max_lora_mb: float = Field(default=2048.0, gt=0)
+    hf_endpoint: str = "https://huggingface.co"
+    hf_token: str | None = Field(default=None, repr=False)
+    civitai_token: str | None = Field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -104,10 +110,10 @@ class Settings(BaseModel):
             values["backends"] = backends
         if workflows := _csv(get("DIFFBOX_WORKFLOWS")):
             values["workflows"] = workflows
-        values["allow_raw_workflows"] = _flag(get("DIFFBOX_ALLOW_RAW_WORKFLOWS"), True)
+        values["allow_raw_workflows"] = flag(get("DIFFBOX_ALLOW_RAW_WORKFLOWS"), True)
         if allow := _csv(get("DIFFBOX_RAW_NODE_ALLOWLIST")):
             values["raw_node_allowlist"] = allow
-        values["allow_private_urls"] = _flag(get("DIFFBOX_ALLOW_PRIVATE_URLS"), False)
+        values["allow_private_urls"] = flag(get("DIFFBOX_ALLOW_PRIVATE_URLS"), False)
         simple = {
             "comfyui_dir": "DIFFBOX_COMFYUI_DIR",
             "comfyui_url": "DIFFBOX_COMFYUI_URL",
@@ -126,6 +132,11 @@ class Settings(BaseModel):
             "max_inline_mb": "DIFFBOX_MAX_INLINE_MB",
             "models_dir": "DIFFBOX_MODELS_DIR",
             "work_dir": "DIFFBOX_WORK_DIR",
+            "lora_cache_gb": "DIFFBOX_LORA_CACHE_GB",
+            "max_lora_mb": "DIFFBOX_MAX_LORA_MB",
+            "hf_endpoint": "HF_ENDPOINT",
+            "hf_token": "HF_TOKEN",
+            "civitai_token": "CIVITAI_TOKEN",
         }
         for field, name in simple.items():
             if (value := get(name)) is not None:

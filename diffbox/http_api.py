@@ -1,8 +1,10 @@
-"""RunPod's serverless HTTP API (`/run`, `/runsync`, `/status/{id}`, `/cancel/{id}`) over any
-job runner, so an app switches between a RunPod endpoint and another deployment by base URL.
+"""RunPod's serverless HTTP API (`/run`, `/runsync`, `/status/{id}`, `/cancel/{id}`, and
+`/stream/{id}` where the runner streams) over any job runner, so an app switches between a
+RunPod endpoint and another deployment by base URL.
 
 `create_app(jobs)` builds the FastAPI app; `jobs` is where jobs run: `LocalJobs` runs them in
-this process on a `Service`, and `modal_app.py` has one that spawns them on Modal's GPU class.
+this process on a `Service` (`python -m diffbox serve`), and `modal_app.py` has one that spawns
+them on Modal's GPU class.
 The envelopes are RunPod's: `{"input": ...}` in; `{"id", "status", "output"}` or
 `{"id", "status": "FAILED", "error"}` out, `error` being the job's error object as JSON text,
 as a RunPod endpoint running handler.py returns it. While a job runs, `output` on `/status` is its latest
@@ -17,11 +19,12 @@ import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from . import chat
 from .errors import as_text
 from .service import Service
 
@@ -38,11 +41,12 @@ class JobStatus:
     error: Any = None
 
     @classmethod
-    def finished(cls, result: dict[str, Any]) -> JobStatus:
-        """The status of a job that returned `result`: an error result fails the job, as the
-        runpod SDK does with a handler's `{"error": ...}`."""
-        if "error" in result:
-            return cls.failed(result["error"])
+    def finished(cls, result: dict[str, Any] | list[Any]) -> JobStatus:
+        """The status of a job that returned `result` (or a streamed job's list of chunks): an
+        error result (or last chunk) fails the job, as the runpod SDK does with a handler's
+        `{"error": ...}`."""
+        if (error := _error_of(result)) is not None:
+            return cls.failed(error)
         return cls("COMPLETED", output=result)
 
     @classmethod
@@ -62,11 +66,24 @@ class JobStatus:
         return body
 
 
+def stream_envelope(job_id: str, status: JobStatus, chunks: list[Any]) -> dict[str, Any]:
+    """RunPod's `/stream` answer: `{"id", "status", "stream": [{"output": chunk}, ...]}`."""
+    body = {k: v for k, v in status.envelope(job_id).items() if k != "output"}
+    return {**body, "stream": [{"output": chunk} for chunk in chunks]}
+
+
+def _error_of(result: dict[str, Any] | list[Any]) -> Any:
+    last = (result[-1] if result else None) if isinstance(result, list) else result
+    return last.get("error") if isinstance(last, dict) else None
+
+
 @dataclass
 class _LocalJob:
     stop: threading.Event = field(default_factory=threading.Event)
     progress: dict[str, Any] | None = None
-    task: asyncio.Task[dict[str, Any]] = field(init=False)
+    chunks: list[Any] = field(default_factory=list)
+    streamed: int = 0  # how many chunks /stream has handed out
+    task: asyncio.Task[dict[str, Any] | list[Any]] = field(init=False)
 
     def report(self, update: dict[str, Any]) -> None:
         # The service emits from one thread, in `seq` order: the last one is the latest.
@@ -86,6 +103,13 @@ class Jobs(Protocol):
         ...
 
 
+@runtime_checkable
+class StreamingJobs(Jobs, Protocol):
+    async def stream(self, job_id: str) -> tuple[JobStatus, list[Any]] | None:
+        """The job's status and the chunks it produced since the last call; None for an unknown id."""
+        ...
+
+
 class LocalJobs:
     """Jobs run on `service` in this process's event loop; the latest `keep` are remembered."""
 
@@ -97,9 +121,19 @@ class LocalJobs:
     async def submit(self, payload: Any) -> str:
         job_id = str(uuid.uuid4())
         job = self._jobs[job_id] = _LocalJob()
-        job.task = asyncio.create_task(self.service.run(job_id, payload, job.report, job.stop))
+        job.task = asyncio.create_task(self._run(job_id, job, payload))
         self._forget_old()
         return job_id
+
+    async def _run(self, job_id: str, job: _LocalJob, payload: Any) -> dict[str, Any] | list[Any]:
+        if chat.is_chat(payload) and isinstance(payload, dict) and payload.get("stream") is True:
+            # A streamed chat's result is its chunks, as RunPod aggregates a generator handler's.
+            async for chunk in self.service.stream(job_id, payload, job.report, job.stop):
+                job.chunks.append(chunk)
+            return list(job.chunks)
+        result = await self.service.run(job_id, payload, job.report, job.stop)
+        job.chunks.append(result)
+        return result
 
     async def status(self, job_id: str, wait_s: float = 0.0) -> JobStatus | None:
         if (job := self._jobs.get(job_id)) is None:
@@ -109,9 +143,18 @@ class LocalJobs:
         if not job.task.done():
             return JobStatus.running(job.progress)
         result = job.task.result()
-        if job.stop.is_set() and result.get("error", {}).get("type") == "cancelled":
+        error = _error_of(result)
+        if job.stop.is_set() and isinstance(error, dict) and error.get("type") == "cancelled":
             return JobStatus("CANCELLED")
         return JobStatus.finished(result)
+
+    async def stream(self, job_id: str) -> tuple[JobStatus, list[Any]] | None:
+        # The status first: once it is final, every chunk is there to hand out.
+        if (status := await self.status(job_id)) is None:
+            return None
+        job = self._jobs[job_id]
+        chunks, job.streamed = job.chunks[job.streamed:], len(job.chunks)
+        return status, chunks
 
     async def cancel(self, job_id: str) -> JobStatus | None:
         if (job := self._jobs.get(job_id)) is None:
@@ -167,6 +210,17 @@ def create_app(jobs: Jobs, api_key: str | None = None, max_wait_s: float = 300.0
     @routes.post("/cancel/{job_id}")
     async def cancel(job_id: str) -> JSONResponse:
         return _answer(job_id, await jobs.cancel(job_id))
+
+    if isinstance(jobs, StreamingJobs):
+        streaming = jobs
+
+        @routes.api_route("/stream/{job_id}", methods=["GET", "POST"])
+        async def stream(job_id: str) -> JSONResponse:
+            """The chunks since the last call (a plain job's one chunk, its result, comes when
+            it is done)."""
+            if (found := await streaming.stream(job_id)) is None:
+                return _answer(job_id, None)
+            return JSONResponse(stream_envelope(job_id, *found))
 
     app.include_router(routes)
     app.include_router(routes, prefix="/{endpoint_id}")

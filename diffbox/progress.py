@@ -18,9 +18,11 @@ from .throttle import Throttle
 
 Emit = Callable[[dict[str, Any]], None]
 
-# Stage bands of the percent scale; running gets nearly all of it.
-_BANDS = {"starting": (0.0, 2.0), "inputs": (2.0, 4.0), "queued": (4.0, 5.0),
-          "running": (5.0, 95.0), "uploading": (95.0, 99.0)}
+# Stage bands of the percent scale; running gets nearly all of it. A stopped job's last update
+# (STOPPED) keeps the percent where it stopped.
+_BANDS = {"starting": (0.0, 2.0), "inputs": (2.0, 3.0), "downloading": (3.0, 4.0), "queued": (4.0, 5.0),
+          "running": (5.0, 95.0), "uploading": (95.0, 99.0), "cancelled": (0.0, 0.0), "timeout": (0.0, 0.0)}
+STOPPED = ("cancelled", "timeout")
 STEP_WEIGHT = 1.0
 DEFAULT_STEPS = 20
 # Relative cost in "sampler steps" of the node classes that are not samplers.
@@ -84,6 +86,12 @@ class ProgressTracker:
             self._stage = stage
             self._detail = {}
             self._update(fraction)
+
+    def downloaded(self, done: int, total: int | None) -> None:
+        """Bytes of the file the downloading stage is fetching (a request's LoRA)."""
+        with self._lock:
+            self._detail = {"bytes": done, "total": total}
+            self._update(done / total if total else 0.0)
 
     def on_message(self, kind: str, data: dict[str, Any]) -> None:
         """Feed one ComfyUI WebSocket message of this job's prompt."""

@@ -9,7 +9,9 @@ seconds. Messages and logs name the bucket, endpoint and key, never credentials 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,21 +97,50 @@ class S3Store:
 
     def fetch(self, uri: str, field: str, max_bytes: int) -> bytes:
         """An `s3://bucket/key` input, size-checked before a byte of it is read."""
+        body = bytearray()
+        self.stream(uri, field, max_bytes, too_large(field, max_bytes), body.extend)
+        return bytes(body)
+
+    def head(self, uri: str, field: str) -> tuple[str, int]:
+        """The object's ETag and size: what proves a cached copy is the same object."""
+        bucket, key = self._locate(uri, field)
+        with self._reading(uri, field):
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        return str(head.get("ETag", "")), int(head["ContentLength"])
+
+    def stream(self, uri: str, field: str, max_bytes: int, too_big: JobError,
+               sink: Callable[[bytes], object]) -> int:
+        """Hand the object to `sink` chunk by chunk, refused with `too_big` past `max_bytes`
+        (by its size before a byte is read, and while reading); returns its size."""
+        bucket, key = self._locate(uri, field)
+        size = 0
+        with self._reading(uri, field):
+            if self.client.head_object(Bucket=bucket, Key=key)["ContentLength"] > max_bytes:
+                raise too_big
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                # Bounded even if the object grew between HEAD and GET.
+                for chunk in body.iter_chunks(MB):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise too_big
+                    sink(chunk)
+            finally:
+                body.close()
+        return size
+
+    def _locate(self, uri: str, field: str) -> tuple[str, str]:
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         if not bucket or not key:
             raise validation(f"{field}: expected s3://bucket/key")
         if bucket != self.bucket:
             raise validation(f"{field}: only objects in this endpoint's bucket ({self.bucket}) can be read")
+        return bucket, key
+
+    @contextlib.contextmanager
+    def _reading(self, uri: str, field: str) -> Iterator[None]:
         try:
-            head = self.client.head_object(Bucket=bucket, Key=key)
-            if head["ContentLength"] > max_bytes:
-                raise too_large(field, max_bytes)
-            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
-            try:
-                # Bounded even if the object grew between HEAD and GET.
-                data: bytes = body.read(max_bytes + 1)
-            finally:
-                body.close()
+            yield
         except ClientError as exc:
             code = _code(exc)
             if code in _MISSING:
@@ -119,9 +150,6 @@ class S3Store:
             raise self._unreachable(f"could not read {uri}", exc) from None
         except BotoCoreError as exc:
             raise self._unreachable(f"could not read {uri}", exc) from None
-        if len(data) > max_bytes:
-            raise too_large(field, max_bytes)
-        return data
 
     def _unreachable(self, what: str, exc: Exception) -> JobError:
         return JobError("storage", f"{what} from {self.where}: {_reason(exc)}",

@@ -56,13 +56,16 @@ class Progress(BaseModel):
     """One progress update (DESIGN.md section 4); callers keep the highest `seq`."""
 
     seq: int
-    stage: Literal["starting", "inputs", "queued", "running", "uploading"]
+    stage: Literal["starting", "inputs", "downloading", "queued", "running", "uploading", "cancelled", "timeout"]
     percent: float
     node: str | None = None
     step: int | None = None
     steps: int | None = None
     clip: int | None = None
     clips: int | None = None
+    # downloading: bytes of the current file so far, and its size when known.
+    bytes: int | None = None
+    total: int | None = None
     elapsed_s: float
     eta_s: float | None = None
 

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -31,12 +31,17 @@ from .config import Settings
 from .errors import JobError, backend, validation
 from .media import InputImage, decode_image
 from .memory import release_free_memory
-from .progress import Emit, ProgressTracker
+from .progress import STOPPED, Emit, ProgressTracker
 from .schemas import OutputOptions
 from .storage import OutputUploads, choose_store, object_key
 from .workflows import RAW, Workflow, check_models, parse
 from .workflows.base import JobContext, Plan
+from .workflows.loras import bind
 from .workflows.raw import check_allowed
+
+if TYPE_CHECKING:
+    from .loras.fetch import JobLoras
+    from .s3 import S3Store
 
 log = logs.get("service")
 CLEANUP_DELAY_S = 0.05
@@ -46,16 +51,20 @@ def _no_progress(_: dict[str, Any]) -> None:
     return None
 
 
+def _s3_store(settings: Settings) -> S3Store | None:
+    if settings.s3 is None:
+        return None
+    from .s3 import S3Store  # here: boto3 is about 6 MB resident, its S3 client 13 more
+
+    return S3Store(settings.s3)
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.comfy = ComfyServer(settings) if "comfyui" in settings.backends else None
         self.vllm = VllmServer(settings) if "vllm" in settings.backends else None
-        self.s3 = None
-        if settings.s3 is not None:
-            from .s3 import S3Store  # here: boto3 is about 6 MB resident, its S3 client 13 more
-
-            self.s3 = S3Store(settings.s3)
+        self.s3 = _s3_store(settings)
         self.url_policy = urls.UrlPolicy(allow_private=settings.allow_private_urls)
         self._warmup_timings: dict[str, float] = {}
 
@@ -71,6 +80,21 @@ class Service:
         self._warmup_timings = warmup.warm_up(
             self.settings.warmup, self.settings.serves,
             lambda job_id, payload: self._run_blocking(job_id, payload, _no_progress, threading.Event()))
+
+    def restored(self, settings: Settings) -> None:
+        """This container's own settings and storage client, after a memory snapshot's restore
+        (or at once where there is none): credentials read now, never kept in a snapshot."""
+        self.settings = settings
+        self.s3 = _s3_store(settings)
+        # A warm-up run before the snapshot cost this container nothing: nothing to report.
+        self._warmup_timings = {}
+
+    def drop_connections(self) -> None:
+        """Close the pooled connections to the backends (a snapshot cannot keep them); the
+        next request opens new ones."""
+        if self.comfy is not None:
+            self.comfy.client.http.close()
+            self.comfy.sockets.close()
 
     def stop(self) -> None:
         if self.comfy is not None:
@@ -124,6 +148,9 @@ class Service:
         except JobError as err:
             logs.event(log, "job failed", job_id=job_id, workflow=job.workflow_name,
                        error_type=err.type, error=err.message, total_s=logs.since(t0))
+            if err.type in STOPPED:
+                # A stopped job's last update says why it stopped (a caller may keep only the last).
+                job.progress.stage(err.type)
             return err.to_dict()
         finally:
             job.clean_up(later=succeeded)
@@ -148,6 +175,7 @@ class _Job:
         self.uploads: OutputUploads | None = None
         self.prompt_run: PromptRun | None = None
         self.abort = threading.Event()
+        self.loras: JobLoras | None = None
 
     def run(self, payload: Any) -> dict[str, Any]:
         workflow, request = parse(payload)
@@ -167,6 +195,7 @@ class _Job:
         check_models(workflow, request, self.settings.models_dir)
         self.uploads = OutputUploads(store, on_failure=self.abort.set)
         self.timings["inputs_s"] = logs.since(self.t0)
+        self._fetch_loras(request, plan)
         self.progress.stage("starting")
         comfy.supervisor.ensure_ready(self.settings.startup_timeout_s, self.stop.is_set)
         comfy.reap()  # before queuing: our prompt must not wait behind an earlier job's
@@ -179,6 +208,23 @@ class _Job:
         self.progress.stage("queued")
         outcome = self._execute(comfy, plan)
         return self._result(workflow, request, plan, outcome)
+
+    def _fetch_loras(self, request: Any, plan: Plan) -> None:
+        """The request's own LoRAs into the cache (pinned until the job ends), named in the graph."""
+        entries = getattr(request, "loras", None)
+        if not entries:
+            return
+        self.progress.stage("downloading")
+        t0 = time.monotonic()
+        # Imported here: the LoRA sources (huggingface_hub, httpx) stay out of a worker's memory
+        # until a request names a LoRA.
+        from .loras.fetch import fetcher_for
+
+        fetcher = fetcher_for(self.settings, self.service.url_policy, self.service.s3)
+        self.loras = fetcher.fetch(entries, self.progress.downloaded, self.stop.is_set,
+                                   lambda: self.deadline - time.monotonic())
+        bind(plan.graph, plan.lora_nodes, [f.comfy_name for f in self.loras.files])
+        self.timings["download_s"] = logs.since(t0)
 
     def _load_image(self, value: str, field: str) -> InputImage:
         return decode_image(value, field, int(self.settings.max_input_mb * 1e6), self._fetch)
@@ -207,7 +253,7 @@ class _Job:
             if run.stop_reason == "aborted":
                 self._store()  # raises the failed output's own error: why the prompt was stopped
             try:
-                partial = self._store()
+                partial = self._store(announce=False)
             except JobError:
                 partial = []  # why the job stopped matters more than a lost partial output
             details = {"outputs": partial} if partial else None
@@ -258,12 +304,17 @@ class _Job:
             images = [{"type": "s3_url" if "url" in o else "base64",
                        **o, "data": o.get("data") or o.get("url")} for o in stored]
             return {"images": images, **plan.settings, "timings": self.timings}
-        return {"workflow": workflow.name, **plan.settings, "outputs": stored, "timings": self.timings}
+        result = {"workflow": workflow.name, **plan.settings, "outputs": stored, "timings": self.timings}
+        if self.loras is not None:
+            result["loras"] = [f.describe(e) for f, e in zip(self.loras.files, request.loras, strict=True)]
+        return result
 
-    def _store(self) -> list[dict[str, Any]]:
-        """Wait for every output's upload, in report order (most are done by now)."""
+    def _store(self, announce: bool = True) -> list[dict[str, Any]]:
+        """Wait for every output's upload, in report order (most are done by now). A stopped
+        job's partial outputs are stored without `announce`: its percent stays where it stopped."""
         assert self.uploads is not None
-        self.progress.stage("uploading")
+        if announce:
+            self.progress.stage("uploading")
         t0 = time.monotonic()
         stored = self.uploads.results()
         self.timings["upload_s"] = logs.since(t0)
@@ -277,6 +328,8 @@ class _Job:
         if self.uploads is not None:
             self.uploads.close()  # no upload may still be reading a file removed below
         shutil.rmtree(self.dir, ignore_errors=True)  # named after the job id, which a caller may reuse
+        if self.loras is not None:
+            self.loras.release()  # the cache may evict them again once ComfyUI is done with them
         if later:
             # A moment later: the result's way out (the platform's event loop) needs the GIL
             # too, and a clean-up competing for it would delay the result by milliseconds.

@@ -134,21 +134,87 @@ def _resolve(host: str, port: int, field: str, policy: UrlPolicy) -> list[IpAddr
 def fetch(url: str, field: str, max_bytes: int, policy: UrlPolicy,
           cancelled: Callable[[], bool] = lambda: False) -> bytes:
     """The body of `url` (at most `max_bytes`), or a validation error naming `field`."""
+    body = bytearray()
+    stream(url, field, Bounds(max_bytes, too_large(field, max_bytes)), policy, body.extend, cancelled)
+    return bytes(body)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How many bytes a fetch may read, and the error that says so."""
+
+    max_bytes: int
+    too_large: JobError
+
+
+# The headers a hop to a host (name, as the URL gives it) adds: a credential goes to its own
+# host only, and is decided again on every redirect.
+HostHeaders = Callable[[str], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What a server said identifies the version it sent (for a conditional request later)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+
+@dataclass(frozen=True)
+class Transfer:
+    size: int
+    validators: Validators
+    not_modified: bool  # a conditional request's 304: nothing went to the sink
+
+
+def stream(url: str, field: str, bounds: Bounds, policy: UrlPolicy, sink: Callable[[bytes], object],
+           cancelled: Callable[[], bool] = lambda: False, host_headers: HostHeaders = lambda host: {},
+           on_length: Callable[[int | None], object] = lambda length: None,
+           unless: Validators | None = None) -> Transfer:
+    """Hand the body of `url` to `sink` chunk by chunk (at most `bounds.max_bytes`). `on_length`
+    hears the final hop's Content-Length before the first chunk. With `unless`, the request is
+    conditional: a server that still has that version answers 304 and sends nothing."""
     t0 = time.monotonic()
     deadline = t0 + policy.total_timeout_s
+    conditional = unless.headers() if unless is not None else {}
     for _ in range(policy.max_redirects + 1):
         hop = _Hop.of(url, field, policy)
-        location, data = _get(hop, field, max_bytes, deadline, policy, cancelled)
+        reader = _Reader(field, bounds, deadline, policy, cancelled, sink, on_length, bool(conditional))
+        location = _get(hop, reader, {**host_headers(hop.host), **conditional})
         if location is None:
-            logs.event(log, "fetched", host=hop.host, bytes=len(data), elapsed_s=logs.since(t0))
-            return data
+            logs.event(log, "fetched", host=hop.host, bytes=reader.size, not_modified=reader.not_modified,
+                       elapsed_s=logs.since(t0))
+            return Transfer(reader.size, reader.validators, reader.not_modified)
         url = urljoin(url, location)
     raise validation(f"{field}: more than {policy.max_redirects} redirects")
 
 
-def _get(hop: _Hop, field: str, max_bytes: int, deadline: float, policy: UrlPolicy,
-         cancelled: Callable[[], bool]) -> tuple[str | None, bytes]:
-    """One request: (the redirect's Location, b"") or (None, the body)."""
+@dataclass
+class _Reader:
+    field: str
+    bounds: Bounds
+    deadline: float
+    policy: UrlPolicy
+    cancelled: Callable[[], bool]
+    sink: Callable[[bytes], object]
+    on_length: Callable[[int | None], object]
+    conditional: bool = False
+    size: int = 0
+    not_modified: bool = False
+    validators: Validators = Validators()
+
+
+def _get(hop: _Hop, reader: _Reader, extra_headers: dict[str, str]) -> str | None:
+    """One request: the redirect's Location, or None when the body went to the reader's sink."""
+    field, deadline, policy = reader.field, reader.deadline, reader.policy
     remaining = max(0.01, deadline - time.monotonic())
     timeout = urllib3.Timeout(connect=min(policy.connect_timeout_s, remaining),
                               read=min(policy.read_timeout_s, remaining))
@@ -159,13 +225,13 @@ def _get(hop: _Hop, field: str, max_bytes: int, deadline: float, policy: UrlPoli
                                            server_hostname=hop.host, ca_certs=policy.ca_file or certifi.where())
     else:
         pool = urllib3.HTTPConnectionPool(hop.address, hop.port, timeout=timeout, retries=False, maxsize=1)
-    headers = {"Host": hop.host_header, "Accept-Encoding": "identity", "User-Agent": "diffbox"}
+    headers = {**extra_headers, "Host": hop.host_header, "Accept-Encoding": "identity", "User-Agent": "diffbox"}
     try:
         with pool:
             response = pool.urlopen("GET", hop.target, headers=headers, redirect=False, retries=False,
                                     preload_content=False, decode_content=False, assert_same_host=False)
             try:
-                return _read(response, hop, field, max_bytes, deadline, policy, cancelled)
+                return _read(response, hop, reader)
             finally:
                 response.release_conn()
     except urllib3.exceptions.NewConnectionError:  # before TimeoutError: urllib3 makes it one
@@ -182,27 +248,32 @@ def _get(hop: _Hop, field: str, max_bytes: int, deadline: float, policy: UrlPoli
         raise validation(f"{field}: malformed URL") from None
 
 
-def _read(response: urllib3.BaseHTTPResponse, hop: _Hop, field: str, max_bytes: int, deadline: float,
-          policy: UrlPolicy, cancelled: Callable[[], bool]) -> tuple[str | None, bytes]:
+def _read(response: urllib3.BaseHTTPResponse, hop: _Hop, reader: _Reader) -> str | None:
+    field, bounds, policy = reader.field, reader.bounds, reader.policy
     if response.status in REDIRECTS:
         location = response.headers.get("Location")
         if not location:
             raise validation(f"{field}: {hop.host} redirected without a Location")
-        return location, b""
+        return location
+    if response.status == 304 and reader.conditional:
+        reader.not_modified = True
+        return None
     if response.status != 200:
         raise validation(f"{field}: {hop.host} answered HTTP {response.status}")
     if response.headers.get("Content-Encoding", "identity").lower() != "identity":
         # Asked for identity: a compressed body could expand far past the size bound.
         raise validation(f"{field}: {hop.host} sent a compressed body")
     length = response.headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise too_large(field, max_bytes)
-    body = bytearray()
+    known = int(length) if length is not None and length.isdigit() else None
+    if known is not None and known > bounds.max_bytes:
+        raise bounds.too_large
+    reader.on_length(known)
+    reader.validators = Validators(response.headers.get("ETag"), response.headers.get("Last-Modified"))
     sock = getattr(response.connection, "sock", None)
     while True:
-        if cancelled():
+        if reader.cancelled():
             raise JobError("cancelled", "job cancelled")
-        remaining = deadline - time.monotonic()
+        remaining = reader.deadline - time.monotonic()
         if remaining <= 0:
             raise _too_slow(field, hop, policy.total_timeout_s)
         if sock is not None:
@@ -211,10 +282,11 @@ def _read(response: urllib3.BaseHTTPResponse, hop: _Hop, field: str, max_bytes: 
         # read1: at most one socket read per call, so the checks above run between reads.
         chunk = response.read1(CHUNK)
         if not chunk:
-            return None, bytes(body)
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large(field, max_bytes)
+            return None
+        reader.size += len(chunk)
+        if reader.size > bounds.max_bytes:
+            raise bounds.too_large
+        reader.sink(chunk)
 
 
 def _too_slow(field: str, hop: _Hop, total_s: float) -> JobError:

@@ -1,9 +1,14 @@
 """Shared fixtures: a ComfyUI to talk to, and the worker under test.
 
-The end-to-end tests run against a real ComfyUI when DIFFBOX_TEST_COMFYUI_URL points at
-one (with DIFFBOX_TEST_COMFYUI_DIR naming its folder, when it is on this disk), and against
-the protocol-faithful fake under tests/fakes otherwise. Tests that need the fake's fault
-controls or stand-in model nodes ask for `fake_comfyui` and are skipped on a real one.
+The tests that talk to ComfyUI (they ask for the `comfyui` fixture) run in two legs:
+`--comfyui=fake` (the default) against the protocol-faithful fake under tests/fakes, and
+`--comfyui=real` against a real ComfyUI with KJNodes that `make comfyui-env` installed into
+$DIFFBOX_TEST_CACHE (tests/realcomfy.py), started once for the session on loopback with --cpu.
+The real leg runs only the tests that use ComfyUI; the others ran in the fake leg already.
+DIFFBOX_TEST_COMFYUI_URL points the real leg at a running ComfyUI instead (with
+DIFFBOX_TEST_COMFYUI_DIR naming its folder, when it is on this disk). Tests that need the
+fake's fault controls or stand-in model nodes ask for `fake_comfyui` and are skipped on a real
+one; tests that need a real sampler ask for `real_comfyui`.
 """
 
 from __future__ import annotations
@@ -48,11 +53,54 @@ class ComfyTarget:
     is_fake: bool
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--comfyui", choices=("fake", "real"),
+                     default="real" if os.environ.get("DIFFBOX_TEST_COMFYUI_URL") else "fake",
+                     help="which ComfyUI the end-to-end tests talk to (default: fake, or real when "
+                          "DIFFBOX_TEST_COMFYUI_URL is set)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fake_leg_only(reason): uses ComfyUI, but runs in the fake leg only")
+
+
+def real_leg(config: pytest.Config) -> bool:
+    return bool(config.getoption("--comfyui") == "real")
+
+
+# A real ComfyUI's start and first model load count against the first test that uses it; on a
+# busy 2-core machine that alone can pass pytest-timeout's default (pyproject.toml).
+REAL_LEG_TIMEOUT_S = 300
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not real_leg(config):
+        return
+    keep = [item for item in items if "comfyui" in getattr(item, "fixturenames", ())
+            and item.get_closest_marker("fake_leg_only") is None]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+    for item in keep:
+        marker = item.get_closest_marker("timeout")
+        if marker is None or (marker.args and marker.args[0] < REAL_LEG_TIMEOUT_S):
+            item.add_marker(pytest.mark.timeout(REAL_LEG_TIMEOUT_S), append=False)
+
+
 @pytest.fixture(scope="session")
-def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyTarget]:
-    if url := os.environ.get("DIFFBOX_TEST_COMFYUI_URL"):
+def comfyui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyTarget]:
+    if real_leg(request.config) and (url := os.environ.get("DIFFBOX_TEST_COMFYUI_URL")):
         base = os.environ.get("DIFFBOX_TEST_COMFYUI_DIR")
         yield ComfyTarget(url.rstrip("/"), Path(base) if base else None, is_fake=False)
+        return
+    if real_leg(request.config):
+        from tests.realcomfy import installed, start_real_comfyui
+
+        try:
+            install = installed()
+        except RuntimeError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        with start_real_comfyui(install, tmp_path_factory.mktemp("real-comfyui"), free_port()) as real:
+            yield ComfyTarget(real.url, real.base_dir, is_fake=False)
         return
     from tests.fakes.comfyui import start_fake_comfyui
 
@@ -65,6 +113,13 @@ def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyTarget]:
 def fake_comfyui(comfyui: ComfyTarget) -> ComfyTarget:
     if not comfyui.is_fake:
         pytest.skip("needs the fake ComfyUI's fault controls or stand-in model nodes")
+    return comfyui
+
+
+@pytest.fixture(scope="session")
+def real_comfyui(comfyui: ComfyTarget) -> ComfyTarget:
+    if comfyui.is_fake:
+        pytest.skip("needs a real ComfyUI (--comfyui=real)")
     return comfyui
 
 

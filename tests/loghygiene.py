@@ -12,10 +12,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tests.conftest import TEST_INPUT
+from tests.lorafiles import CIVITAI_TOKEN, HF_TOKEN
 from tests.s3 import ACCESS_KEY, SECRET_KEY
 
 FORBIDDEN = [
-    SECRET_KEY, ACCESS_KEY,
+    SECRET_KEY, ACCESS_KEY, HF_TOKEN, CIVITAI_TOKEN,
     "Signature=",  # X-Amz-Signature= (SigV4) and Signature= (SigV2) query parameters
     "X-Amz-Credential=", "X-Amz-Security-Token=", "AWSAccessKeyId=",
     TEST_INPUT["input"]["images"][0]["image"][:48],

@@ -13,6 +13,7 @@ from .. import logs
 from ..config import Settings
 from ..errors import backend, validation
 from ..model_paths import CONFIG_NAME, write_extra_model_paths
+from . import comfyui_preload
 from .comfyui import ComfyClient, FileRef
 from .comfyui_job import IdleSockets
 from .process import ServerProcess, Supervisor
@@ -54,6 +55,18 @@ class ComfyServer:
         # Prompts of ended jobs that ComfyUI may still run: prompt id -> the job's folder.
         self._orphans: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    def preload(self, timeout_s: float) -> bool:
+        """Start the first half of ComfyUI (comfyui_preload.py), with no GPU, where this worker
+        starts it; False where it does not, or the preload failed (then `start` starts it whole)."""
+        process = self.supervisor.process
+        return process is not None and process.hold(Path(comfyui_preload.__file__), comfyui_preload.READY,
+                                                    timeout_s)
+
+    def release(self) -> None:
+        """Let a preloaded ComfyUI finish starting, in this container's environment."""
+        if self.supervisor.process is not None:
+            self.supervisor.process.release()
 
     @staticmethod
     def _folders(settings: Settings) -> tuple[Path | None, Path | None, Path | None]:

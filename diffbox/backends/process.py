@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -45,31 +46,74 @@ class ServerProcess:
         self._popen: subprocess.Popen[bytes] | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._reader: threading.Thread | None = None
+        self._held = threading.Event()
+        self._ready_line: str | None = None
 
     def start(self) -> None:
+        self._spawn(self.argv)
+
+    def hold(self, script: Path, ready: str, timeout_s: float) -> bool:
+        """Start the server's first half: the same interpreter running `script` in front of the
+        server's own arguments, with no GPU visible, until `release` (comfyui_preload.py).
+        True once `script` printed `ready`; otherwise (it exited, or took longer) the process
+        is stopped and False returned, and `start` will start the server the ordinary way."""
+        self._held.clear()
+        self._ready_line = ready
+        self._spawn([self.argv[0], str(script), *self.argv[1:]], hold=True)
+        t0 = time.monotonic()
+        while not self._held.wait(0.1):
+            if self.returncode() is not None or time.monotonic() - t0 > timeout_s:
+                logs.event(log, "backend preload failed", level=30, backend=self.name, code=self.returncode(),
+                           tail=self.tail()[-500:])
+                self.stop(grace_s=2)
+                self._popen = None
+                return False
+        logs.event(log, "backend preloaded", backend=self.name, seconds=logs.since(t0))
+        return True
+
+    def release(self) -> None:
+        """Let a held server run its second half, in this process's environment as it is now
+        (after a restore: this container's, not the snapshot's)."""
+        if self._popen is None or self._popen.stdin is None:
+            return
+        with contextlib.suppress(OSError):  # it died: the supervisor sees the exit code
+            self._popen.stdin.write(json.dumps(self._environment()).encode() + b"\n")
+            self._popen.stdin.close()
+        self._popen.stdin = None
+
+    def _spawn(self, argv: list[str], hold: bool = False) -> None:
         # A restart after a crash: the children of the last run can outlive their leader
         # (vLLM's engine core does, holding gigabytes of memory) and must go first.
         self._kill_group()
         self._tail.clear()
+        env = self._environment()
+        if hold:
+            env["CUDA_VISIBLE_DEVICES"] = ""
         # A new session makes the server and its children (vLLM spawns workers) one group
         # we can signal together, and keeps the worker's own Ctrl-C away from them.
         self._popen = subprocess.Popen(
-            self.argv,
+            argv,
             cwd=self.cwd,
-            env={**os.environ, **(self.env or {})},
-            stdin=subprocess.DEVNULL,
+            env=env,
+            stdin=subprocess.PIPE if hold else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self._reader = threading.Thread(target=self._read, name=f"{self.name}-log", daemon=True)
+        # Its own process's pipe: `_popen` may be replaced (a restart) or cleared before it runs.
+        self._reader = threading.Thread(target=self._read, args=(self._popen,), name=f"{self.name}-log", daemon=True)
         self._reader.start()
-        logs.event(log, "backend started", backend=self.name, pid=self._popen.pid)
+        logs.event(log, "backend started", backend=self.name, pid=self._popen.pid, held=hold)
 
-    def _read(self) -> None:
-        assert self._popen is not None and self._popen.stdout is not None
-        for raw in self._popen.stdout:
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, **(self.env or {})}
+
+    def _read(self, popen: subprocess.Popen[bytes]) -> None:
+        assert popen.stdout is not None
+        for raw in popen.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
+            if line == self._ready_line:
+                self._held.set()
             self._tail.append(line)
             logs.event(log, line, level=10, backend=self.name)
 

@@ -32,8 +32,9 @@ CANCEL_WAIT_S = 30.0
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", default=os.environ.get("DIFFBOX_ENDPOINT"),
-                        help="a RunPod endpoint id, a base URL with RunPod's API (the local --rp_serve_api server, "
-                             "the Modal web endpoint), or modal:APP/CLASS; default DIFFBOX_ENDPOINT")
+                        help="a RunPod endpoint id, a base URL with RunPod's API (`python -m diffbox serve`, "
+                             "the Modal web endpoint), modal:APP/CLASS, or local (a worker in this process, "
+                             "from the DIFFBOX_* settings); default DIFFBOX_ENDPOINT")
     parser.add_argument("--api-key", help="default DIFFBOX_API_KEY (URLs), else RUNPOD_API_KEY")
     parser.add_argument("--input", help="a whole request as JSON: a file, or '-' for stdin; a RunPod body "
                                         "({\"input\": ...}) and a bare ComfyUI graph work too; flags override it")
@@ -58,6 +59,10 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--frames", type=int, help="video frames (svi: frames per clip)")
+    parser.add_argument("--lora", action="append", default=[], type=lora_entry, metavar="SOURCE[:STRENGTH[:TARGET]]",
+                        help="a LoRA the worker fetches and caches: hf://ORG/REPO/PATH.safetensors[@REVISION], an "
+                             "https:// URL or s3://BUCKET/KEY; strength (default 1), and for Wan the expert: "
+                             "high, low or both (default); repeat for up to 4")
     parser.add_argument("--out", type=Path, default=Path("."), help="where outputs are saved (default: here)")
     parser.add_argument("--no-download", action="store_true", help="print the result only")
     parser.add_argument("--upload", choices=UPLOAD_MODES, default="auto",
@@ -150,6 +155,22 @@ def _watch(job: Job, display: RunDisplay, follow: Callable[[], dict[str, Any]]) 
         return display.failed(job, err)
 
 
+def lora_entry(value: str) -> dict[str, Any]:
+    """`SOURCE[:STRENGTH[:TARGET]]` as a request's `loras` entry (read from the right: sources hold colons)."""
+    entry: dict[str, Any] = {}
+    source, _, last = value.rpartition(":")
+    if source and last in ("high", "low", "both"):
+        entry["target"], value = last, source
+    source, _, last = value.rpartition(":")
+    try:
+        strength = float(last)
+    except ValueError:
+        strength = None
+    if "://" in source and strength is not None:
+        entry["strength"], value = strength, source
+    return {"source": value, **entry}
+
+
 def run_request(args: argparse.Namespace) -> dict[str, Any]:
     """The request that `diffbox run`'s arguments describe."""
     request = _input(args.input)
@@ -181,6 +202,8 @@ def run_request(args: argparse.Namespace) -> dict[str, Any]:
                          ("width", args.width), ("height", args.height), (frames, args.frames)):
         if value is not None:
             request[field] = value
+    if args.lora:
+        request["loras"] = [*request.get("loras", []), *args.lora]
     return _with_settings(request, args.set)
 
 

@@ -67,22 +67,26 @@ class RunDisplay:
             self._json({"id": job.id, "status": job.status, "result": _without_inline_data(result),
                         "files": [str(p) for p in paths]})
             return
+        names = [paths[i].name if i < len(paths) else str(e.get("filename", "")) for i, e in enumerate(outputs)]
         table = Table(title=f"job {job.id}: {job.status}", title_justify="left")
-        for column in ("file", "kind", "size", "media", "sha256"):
+        # A file's name is never cut short or broken: it is how the user finds the file.
+        table.add_column("file", min_width=max(map(len, names), default=4), no_wrap=True)
+        for column in ("kind", "size", "media", "sha256"):
             table.add_column(column, justify="right" if column == "size" else "left")
-        for index, entry in enumerate(outputs):
-            name = paths[index].name if index < len(paths) else str(entry.get("filename", ""))
+        for index, (name, entry) in enumerate(zip(names, outputs, strict=True)):
             sha = str(entry.get("sha256", ""))[:12]
             table.add_row(name, str(entry.get("kind", "")), decimal(int(entry.get("bytes") or 0)), _media(entry),
                           f"{sha}… ok" if index < len(paths) and sha else sha)
         self.out.print(table)
         if paths:
-            self.out.print(f"saved in {paths[0].parent}", markup=False)
+            self.out.print(f"saved in {paths[0].parent.resolve()}", markup=False)
         facts: dict[str, Any] = {k: result[k] for k in ("workflow", "seed", "preset", "steps") if k in result}
-        if isinstance(timings := result.get("timings"), dict) and "total_s" in timings:
-            facts["total"] = f"{timings['total_s']} s"
         if facts:
             self.out.print("  ".join(f"{k}: {v}" for k, v in facts.items()), markup=False)
+        if isinstance(timings := result.get("timings"), dict) and timings:
+            # The worker's own figures: inputs_s, queue_s, inference_s, upload_s, total_s, ...
+            self.out.print("timings: " + "  ".join(f"{k.removesuffix('_s')} {v} s" for k, v in timings.items()),
+                           markup=False)
 
     def write(self, text: str) -> None:
         sys.stdout.write(text)
@@ -140,6 +144,9 @@ def _detail(update: dict[str, Any]) -> str:
         parts.append(f"step {update['step']}/{update['steps']}")
     if update.get("clip") is not None and update.get("clips"):
         parts.append(f"clip {update['clip']}/{update['clips']}")
+    if update.get("bytes") is not None:
+        total = f"/{update['total'] / 1e6:.1f}" if update.get("total") else ""
+        parts.append(f"{update['bytes'] / 1e6:.1f}{total} MB")
     return " ".join(parts)
 
 

@@ -217,9 +217,14 @@ def _cancel_key(job_id: str) -> str:
 
 def connect(endpoint: str, api_key: str | None = None) -> Transport:
     """The transport for `endpoint`: `modal:APP/CLASS` (CLASS defaults to Worker), a base URL
-    (`http://...`, `https://...`; key from DIFFBOX_API_KEY or RUNPOD_API_KEY), or a RunPod
-    endpoint id (`runpod:ID` or just `ID`; key from RUNPOD_API_KEY)."""
+    (`http://...`, `https://...`; key from DIFFBOX_API_KEY or RUNPOD_API_KEY), a RunPod
+    endpoint id (`runpod:ID` or just `ID`; key from RUNPOD_API_KEY), or `local`: a worker in
+    this process, configured by the DIFFBOX_* settings (see local.py)."""
     endpoint = endpoint.strip()
+    if endpoint == "local":
+        from .local import LocalTransport  # the worker itself: imported only to run one here
+
+        return LocalTransport()
     if endpoint.startswith("modal:"):
         app_name, _, class_name = endpoint.removeprefix("modal:").partition("/")
         if not app_name:

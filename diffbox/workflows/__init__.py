@@ -41,9 +41,10 @@ CHAT_DROP_IN = Workflow("chat", chat.VllmWorkerRequest, chat.plan)
 
 
 def check_models(workflow: Workflow, request: Any, models_dir: Path) -> None:
-    """Refuse, before anything is queued, a request whose weights are not on this worker."""
+    """Refuse, before anything is queued, a request whose weights are not on this worker
+    or differ from its weights lock."""
     if workflow.models is not None:
-        manifest.check_present(*workflow.models(request), models_dir)
+        manifest.check_on_disk(*workflow.models(request), models_dir)
 
 
 def workflow_name(payload: dict[str, Any]) -> str:

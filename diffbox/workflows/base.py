@@ -55,3 +55,5 @@ class Plan:
     clips: int = 0
     # Output nodes whose files are per-clip partials (reported with their clip number).
     partial_nodes: dict[str, int] = field(default_factory=dict)
+    # The request's own LoRA loaders: node id -> index in `loras` (workflows/loras.py).
+    lora_nodes: dict[str, int] = field(default_factory=dict)

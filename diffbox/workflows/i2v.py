@@ -1,5 +1,6 @@
 """Wan 2.2 14B image to video: one start image (and optionally an end image) and a prompt
-become an mp4, wired as the official `video_wan2_2_14B_i2v` template (`workflows/i2v.json`)."""
+become an mp4, wired as the official `video_wan2_2_14B_i2v` template (`workflows/i2v.json`);
+with an end image, as `video_wan2_2_14B_flf2v`, whose quality preset samples differently."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from pydantic import Field, field_validator
 
 from .base import ImageLoader, JobContext, Plan
 from .common import Prompt, check_frames
-from .wan import Start, WanRequest
+from .wan import Preset, Presets, Start, WanRequest
+
+# From the official templates `video_wan2_2_14B_i2v.json` and `video_wan2_2_14B_flf2v.json`.
+I2V_PRESETS: Presets = {"fast": Preset(4, 2, 1.0, 5.0, True), "quality": Preset(20, 10, 3.5, 5.0, False)}
+FLF2V_PRESETS: Presets = {"fast": Preset(4, 2, 1.0, 5.0, True), "quality": Preset(20, 10, 4.0, 8.0, False)}
 
 
 class I2VRequest(WanRequest):
@@ -25,7 +30,8 @@ class I2VRequest(WanRequest):
 
 
 def plan(request: I2VRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
-    start = Start.of(request, "i2v", ctx, load_image)
+    presets = I2V_PRESETS if request.end_image is None else FLF2V_PRESETS
+    start = Start.of(request, "i2v", presets, ctx, load_image)
     b = start.b
     b.set("positive", text=request.prompt)
     b.set("image_to_video", width=start.width, height=start.height, length=request.frames)
@@ -39,4 +45,5 @@ def plan(request: I2VRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
 
     settings = {**start.settings(), "frames": request.frames, "fps": request.fps,
                 "duration_s": round(request.frames / request.fps, 3)}
-    return Plan(workflow="i2v", graph=b.graph, uploads=start.files.uploads, settings=settings)
+    return Plan(workflow="i2v", graph=b.graph, uploads=start.files.uploads, settings=settings,
+                lora_nodes=start.lora_nodes)

@@ -2,9 +2,9 @@
 PNG, wired as the official `image_qwen_image_edit_2511` / `_2509` templates
 (`workflows/qwen_edit_2511.json`, `qwen_edit_2509.json`).
 
-One difference from the templates: the first image is scaled to the requested size with
-`ImageScale` (center crop) instead of `FluxKontextImageScale`'s fixed list, so width and
-height can be asked for; by default they keep the first image's aspect at about 1 MP.
+As in the templates, `FluxKontextImageScale` scales the first image to the size of its list
+nearest to the image's aspect (about 1 MP). A request that names a width or height gets that
+size instead, through `ImageScale` (lanczos, center crop).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from ..loras.request import LoraEntry, Target, loras_field
 from .base import ImageLoader, JobContext, Plan
 from .common import PROMPT_MAX, InputFiles, Prompt, TypedRequest, draw_seed
 from .graph import GraphBuilder
-from .sizing import SizeRule
+from .loras import add_loras
+from .sizing import SizeRule, kontext_size
 
 SIZE = SizeRule(multiple=8, low=256, high=2048, area=1024 * 1024)
 Model = Literal["2511", "2509"]
@@ -39,16 +41,36 @@ PRESETS: dict[tuple[str, str], Preset] = {
 }
 
 
+def _no_target_schema(schema: dict[str, Any]) -> None:
+    schema.clear()
+    schema.update({"type": "null", "description": "Not for Qwen Image Edit (one model): leave it out."})
+
+
+class QwenLora(LoraEntry):
+    # Accepted as a value so that the error explains; the JSON Schema says it is not for Qwen.
+    target: Target | None = Field(default=None, json_schema_extra=_no_target_schema)
+
+    @field_validator("target")
+    @classmethod
+    def _no_target(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("Qwen Image Edit has one model; target is for Wan's two experts (leave it out)")
+        return None
+
+
 class QwenEditRequest(TypedRequest):
     workflow: Literal["qwen_edit"]
     images: list[str] = Field(min_length=1, max_length=3, description="1 to 3 images; the first is edited.")
     prompt: Prompt = Field(description="The edit instruction.")
     negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
-    width: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default from the first image.")
-    height: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default from the first image.")
+    width: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default: the "
+                              "FluxKontextImageScale size nearest the first image's aspect (about 1 MP).")
+    height: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default: the "
+                               "FluxKontextImageScale size nearest the first image's aspect (about 1 MP).")
     model: Model = "2511"
     steps: int | None = Field(default=None, ge=1, le=100, description="Overrides the preset.")
     cfg: float | None = Field(default=None, ge=0.0, le=30.0, description="Overrides the preset.")
+    loras: list[QwenLora] = loras_field()
 
     @field_validator("width", "height")
     @classmethod
@@ -71,7 +93,6 @@ def plan(request: QwenEditRequest, ctx: JobContext, load_image: ImageLoader) -> 
     first, first_ref = files.add(request.images[0], "images[0]", "image1")
     refs = [first_ref] + [files.add(value, f"images[{i}]", f"image{i + 1}")[1]
                           for i, value in enumerate(request.images[1:], start=1)]
-    width, height = SIZE.resolve(request.width, request.height, first.width / first.height)
     preset = PRESETS[(request.model, request.preset)]
     steps = request.steps or preset.steps
     cfg = preset.cfg if request.cfg is None else request.cfg
@@ -79,7 +100,13 @@ def plan(request: QwenEditRequest, ctx: JobContext, load_image: ImageLoader) -> 
 
     b = GraphBuilder.from_template(f"qwen_edit_{request.model}")
     b.set("image1", image=refs[0])
-    b.set("scale", width=width, height=height)
+    aspect = first.width / first.height
+    if request.width is None and request.height is None:
+        width, height = kontext_size(aspect)
+    else:
+        width, height = SIZE.resolve(request.width, request.height, aspect)
+        b.retype("scale", "ImageScale")
+        b.set("scale", upscale_method="lanczos", width=width, height=height, crop="center")
     for i, ref in enumerate(refs[1:], start=2):
         loaded = b.add("LoadImage", f"image{i}", image=ref)
         b.set("positive", **{f"image{i}": loaded})
@@ -89,8 +116,11 @@ def plan(request: QwenEditRequest, ctx: JobContext, load_image: ImageLoader) -> 
     if not preset.lightning:
         b.bypass("lora", through="model")
     b.set("sampler", seed=seed, steps=steps, cfg=cfg)
+    # The sampler reads the end of the model chain, after the preset's LoRA.
+    lora_nodes = add_loras(b, request.loras, {"model": "sampler"})
     b.set("save", filename_prefix=ctx.output_prefix("qwen_edit"))
 
     settings = {"seed": seed, "preset": request.preset, "model": request.model, "steps": steps, "cfg": cfg,
                 "width": width, "height": height}
-    return Plan(workflow="qwen_edit", graph=b.graph, uploads=files.uploads, settings=settings)
+    return Plan(workflow="qwen_edit", graph=b.graph, uploads=files.uploads, settings=settings,
+                lora_nodes=lora_nodes)

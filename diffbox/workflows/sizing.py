@@ -32,3 +32,19 @@ class SizeRule:
         if height is not None:
             return self.snap(height * aspect), height
         return self.snap(math.sqrt(self.area * aspect)), self.snap(math.sqrt(self.area / aspect))
+
+
+# The sizes ComfyUI's FluxKontextImageScale picks from (`PREFERED_KONTEXT_RESOLUTIONS` in
+# comfy_extras/nodes_flux.py): about 1 MP each, multiples of 16, portrait to landscape.
+KONTEXT_SIZES = [
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+]
+
+
+def kontext_size(aspect: float) -> tuple[int, int]:
+    """The size FluxKontextImageScale scales an image of `aspect` (width / height) to: the
+    listed size nearest in aspect (the first of a tie, as its `min` over the list keeps it)."""
+    _, width, height = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_SIZES)
+    return width, height

@@ -8,13 +8,15 @@ clip's own SaveVideo is a partial output the caller gets even when the job is ca
 later, and a final SaveVideo writes the clips joined.
 
 A clip's first frame re-renders the anchor and its next `4 * motion_latents` frames re-render
-the previous clip's tail, so the join drops those `1 + 4 * motion_latents` frames from every
-clip after the first; the partials are the clips as generated.
+the previous clip's tail, so the join cross-fades those `1 + 4 * motion_latents` frames of
+every clip after the first into the previous clip's last ones (KJNodes'
+`ImageBatchExtendWithOverlap`, `linear_blend`, as Kijai's SVI 2.0 Pro example joins them); the
+partials are the clips as generated.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -22,9 +24,15 @@ from .base import ImageLoader, JobContext, Plan
 from .common import Prompt, check_frames, one_of
 from .graph import GraphBuilder, Link
 from .raw import MAX_SEED
-from .wan import Sampling, Start, WanRequest
+from .wan import Preset, Presets, Sampling, Start, WanRequest
 
 MAX_CLIPS = 20
+# fast: Kijai's `wan22_SVI_Pro_native_example_KJ.json` (its distill LoRAs are in svi.json);
+# quality: no published SVI reference without distill LoRAs, so the i2v template's quality values.
+SVI_PRESETS: Presets = {"fast": Preset(6, 3, 1.0, 5.0, True), "quality": Preset(20, 10, 3.5, 5.0, False)}
+# How the example joins two clips' frames (an ImageBatchExtendWithOverlap's widgets besides overlap).
+JOIN_MODE = {"overlap_side": "source", "overlap_mode": "linear_blend"}
+EXTENDED_IMAGES = 2  # ImageBatchExtendWithOverlap's output holding the joined frames
 CLIP_STRIDE = 100  # clip k's nodes are numbered from CLIP_STRIDE * k (svi_clip.json's own ids are 101+)
 
 
@@ -80,18 +88,20 @@ class SviRequest(WanRequest):
 
 
 def plan(request: SviRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
-    start = Start.of(request, "svi", ctx, load_image)
+    start = Start.of(request, "svi", SVI_PRESETS, ctx, load_image)
     b = start.b
     b.set("scale_start", width=start.width, height=start.height)
     prompts = request.clip_prompts()
     seeds = [(start.seed + k) % (MAX_SEED + 1) for k in range(len(prompts))]
 
-    result = Plan(workflow="svi", graph=b.graph, uploads=start.files.uploads, clips=len(prompts))
+    result = Plan(workflow="svi", graph=b.graph, uploads=start.files.uploads, clips=len(prompts),
+                  lora_nodes=start.lora_nodes)
     segments = []
     for k, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True), start=1):
         segments.append(_add_clip(b, request, start.sampling, k, prompt, seed, ctx, result))
     if len(prompts) > 1:
-        joined = b.add("CreateVideo", "create_joined", images=_join(b, segments), fps=float(request.fps))
+        joined = b.add("CreateVideo", "create_joined", images=join_clips(b, segments, request.overlap),
+                       fps=float(request.fps))
         b.add("SaveVideo", "save_joined", video=joined, filename_prefix=ctx.output_prefix("svi"),
               format="mp4", codec="h264")
     else:
@@ -110,7 +120,7 @@ def plan(request: SviRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
 
 def _add_clip(b: GraphBuilder, request: SviRequest, sampling: Sampling, k: int, prompt: str, seed: int,
               ctx: JobContext, result: Plan) -> Link:
-    """Add clip `k` (from 1) to the chain; returns its frames as they go into the join."""
+    """Add clip `k` (from 1) to the chain; returns its decoded frames."""
     sfx = f"#{k}"
     ids = b.merge("svi_clip", id_offset=CLIP_STRIDE * (k - 1), suffix=sfx, local_from=CLIP_STRIDE)
     b.set("positive" + sfx, text=prompt)
@@ -120,25 +130,29 @@ def _add_clip(b: GraphBuilder, request: SviRequest, sampling: Sampling, k: int, 
     sampling.configure_samplers(b, seed, sfx)
     b.set("create_video" + sfx, fps=float(request.fps))
     b.set("save" + sfx, filename_prefix=ctx.output_prefix(f"svi_clip{k:02d}"))
-    segment = b.out("decode" + sfx)
-    if k > 1:
-        segment = b.add("ImageFromBatch", "trim" + sfx, image=segment, batch_index=request.overlap,
-                        length=request.frames_per_clip - request.overlap)
-        ids.append(segment[0])
     result.node_clip.update(dict.fromkeys(ids, k))
     result.partial_nodes[b.id("save" + sfx)] = k
-    return segment
+    return b.out("decode" + sfx)
 
 
-def _join(b: GraphBuilder, segments: list[Link]) -> Link:
-    # A balanced tree of two-input ImageBatch nodes: ComfyUI keeps every node's output for
-    # the whole prompt, so a chain would hold O(clips^2) frames in memory, a tree O(clips log clips).
+def join_clips(b: GraphBuilder, segments: list[Link], overlap: int) -> Link:
+    """Join clips' frames, each clip's first `overlap` frames cross-faded into the previous
+    clip's last ones; returns the link to the joined frames.
+
+    A balanced tree of two-input joins, where the example chains them: ComfyUI keeps every
+    node's output for the whole prompt, so a chain would hold O(clips^2) frames in memory, a
+    tree O(clips log clips). A join blends only the `overlap` frames at its seam, the last of
+    its left side (one clip's end) with the first of its right side (the next clip's start),
+    so the tree gives the chain's frames whenever a clip has at least 2 * overlap frames.
+    """
     level = 0
     while len(segments) > 1:
         level += 1
-        pairs: list[Any] = [
-            b.add("ImageBatch", f"join{level}_{i // 2}", image1=segments[i], image2=segments[i + 1])
-            for i in range(0, len(segments) - 1, 2)
-        ]
+        pairs: list[Link] = []
+        for i in range(0, len(segments) - 1, 2):
+            title = f"join{level}_{i // 2}"
+            b.add("ImageBatchExtendWithOverlap", title, source_images=segments[i], new_images=segments[i + 1],
+                  overlap=overlap, **JOIN_MODE)
+            pairs.append(b.out(title, EXTENDED_IMAGES))
         segments = pairs + segments[len(pairs) * 2:]
     return segments[0]

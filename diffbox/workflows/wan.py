@@ -12,9 +12,11 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from ..loras.request import LoraEntry, loras_field
 from .base import ImageLoader, JobContext
 from .common import PROMPT_MAX, InputFiles, TypedRequest, draw_seed
 from .graph import GraphBuilder
+from .loras import add_loras
 from .sizing import SizeRule
 
 # 832x480 is Wan's 480p; a default size keeps the input's aspect at this pixel count.
@@ -28,10 +30,12 @@ class Preset:
     steps: int
     switch: int
     cfg: float
+    shift: float
     lightning: bool
 
 
-PRESETS = {"fast": Preset(4, 2, 1.0, True), "quality": Preset(20, 10, 3.5, False)}
+# A workflow's presets by name; each holds its reference's values (workflows/README.md names them).
+Presets = dict[str, Preset]
 
 
 class WanRequest(TypedRequest):
@@ -43,7 +47,8 @@ class WanRequest(TypedRequest):
     fps: int = Field(default=16, ge=1, le=60)
     steps: int | None = Field(default=None, ge=2, le=100, description="Overrides the preset; switch at half.")
     cfg: float | None = Field(default=None, ge=0.0, le=30.0, description="Overrides the preset.")
-    shift: float = Field(default=5.0, gt=0.0, le=100.0)
+    shift: float | None = Field(default=None, gt=0.0, le=100.0, description="Overrides the preset.")
+    loras: list[LoraEntry] = loras_field()
 
     @field_validator("width", "height")
     @classmethod
@@ -61,12 +66,13 @@ class Sampling:
     lightning: bool
 
     @classmethod
-    def of(cls, request: WanRequest) -> Sampling:
-        preset = PRESETS[request.preset]
+    def of(cls, request: WanRequest, presets: Presets) -> Sampling:
+        preset = presets[request.preset]
         steps = request.steps or preset.steps
         switch = preset.switch if request.steps is None else steps // 2
         cfg = preset.cfg if request.cfg is None else request.cfg
-        return cls(request.preset, steps, switch, cfg, request.shift, preset.lightning)
+        shift = preset.shift if request.shift is None else request.shift
+        return cls(request.preset, steps, switch, cfg, shift, preset.lightning)
 
     def settings(self) -> dict[str, Any]:
         return {"preset": self.preset, "steps": self.steps, "switch_step": self.switch,
@@ -101,18 +107,22 @@ class Start:
     height: int
     sampling: Sampling
     seed: int
+    lora_nodes: dict[str, int]
 
     @classmethod
-    def of(cls, request: WanRequest, template: str, ctx: JobContext, load_image: ImageLoader) -> Start:
+    def of(cls, request: WanRequest, template: str, presets: Presets, ctx: JobContext,
+           load_image: ImageLoader) -> Start:
         files = InputFiles(ctx, load_image)
         image, ref = files.add(request.image, "image", "start")
         width, height = SIZE.resolve(request.width, request.height, image.width / image.height)
-        sampling = Sampling.of(request)
+        sampling = Sampling.of(request, presets)
         b = GraphBuilder.from_template(template)
         b.set("start_image", image=ref)
         b.set("negative", text=request.negative_prompt)
         sampling.configure_models(b)
-        return cls(files, b, width, height, sampling, draw_seed(request.seed))
+        # The experts' model chains end in their shift nodes; a request's LoRAs go just before.
+        lora_nodes = add_loras(b, request.loras, {"high": "shift_high", "low": "shift_low"})
+        return cls(files, b, width, height, sampling, draw_seed(request.seed), lora_nodes)
 
     def settings(self) -> dict[str, Any]:
         return {"seed": self.seed, **self.sampling.settings(), "width": self.width, "height": self.height}

@@ -223,6 +223,8 @@ async def test_concurrent_chats_are_served_together(attached: Service) -> None:
     assert max(s[0] for s in stamps.values()) < min(s[-1] for s in stamps.values())
 
 
+@pytest.mark.fake_leg_only("it checks the generator endpoint's chunks, not ComfyUI; a second vLLM start for the "
+                           "real leg would cost a minute of the suite's budget")
 async def test_a_comfyui_job_on_a_generator_endpoint_is_one_chunk(comfyui: ComfyTarget, chat_worker: ChatWorker,
                                                                   tmp_path: Path) -> None:
     both = Service(Settings(backends=["comfyui", "vllm"], comfyui_url=comfyui.url, comfyui_dir=comfyui.base_dir,

@@ -83,21 +83,29 @@ async def test_cancelling_the_task_stops_our_prompt_and_cleans_up(comfy: ComfyTa
 async def test_stop_event_returns_cancelled(comfy: ComfyTarget, tmp_path: Path) -> None:
     service = Service(settings(comfy, tmp_path))
     stop = threading.Event()
+    updates: list[dict[str, Any]] = []
 
     def on_progress(update: dict[str, Any]) -> None:
+        updates.append(update)
         if update.get("step"):
             stop.set()
 
     result = await service.run("stop-me", {"workflow": sampler_graph(400)}, on_progress, stop)
     assert result["error"]["type"] == "cancelled"
+    # The last update says how the job ended, not the "uploading" of its partial outputs.
+    last = updates[-1]
+    assert last["stage"] == "cancelled" and last["seq"] == max(u["seq"] for u in updates)
+    assert 5 < last["percent"] < 95 and "step" not in last
     assert _queue_ids(comfy.url) == []
     assert _job_files(comfy, "stop-me") == []
 
 
 async def test_timeout_interrupts_and_reports(comfy: ComfyTarget, tmp_path: Path) -> None:
     service = Service(settings(comfy, tmp_path, job_timeout_s=1.0))
-    result = await service.run("slow", {"workflow": sampler_graph(400)})
+    updates: list[dict[str, Any]] = []
+    result = await service.run("slow", {"workflow": sampler_graph(400)}, updates.append)
     assert result["error"]["type"] == "timeout"
+    assert updates[-1]["stage"] == "timeout"
     assert "DIFFBOX_JOB_TIMEOUT_S" in result["error"]["message"]
     assert _queue_ids(comfy.url) == []
     assert _job_files(comfy, "slow") == []

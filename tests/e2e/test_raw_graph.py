@@ -1,7 +1,8 @@
 """A raw ComfyUI graph end to end through the runpod SDK's own local API server.
 
 Runs against the fake ComfyUI, or a real one when DIFFBOX_TEST_COMFYUI_URL is set: only
-model-free core nodes are used, so the assertions hold for both.
+model-free nodes are used (core ones, and KJNodes' ImageBatchExtendWithOverlap, installed with
+the pinned ComfyUI), so the assertions hold for both.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import av
-from PIL import Image, ImageChops, ImageOps
+from PIL import Image
 
+from diffbox.workflows.graph import GraphBuilder
+from diffbox.workflows.svi import EXTENDED_IMAGES, JOIN_MODE, join_clips
 from tests.conftest import REPO, TEST_INPUT, ComfyTarget, RunpodApi, job_error, worker_env
+from tests.jobkit import inversion_error, max_difference
 
 
 def _input_image() -> Image.Image:
@@ -39,7 +43,7 @@ def test_runsync_returns_inverted_image_and_video(rp_api: RunpodApi, tmp_path: P
     assert png["type"] == "base64" and png["kind"] == "image" and png["content_type"] == "image/png"
     image = Image.open(io.BytesIO(base64.b64decode(png["data"]))).convert("RGB")
     assert (png["width"], png["height"]) == image.size == (64, 48)
-    assert ImageChops.difference(image, ImageOps.invert(_input_image())).getbbox() is None
+    assert inversion_error(image, _input_image()) <= 1
 
     mp4 = _by_ext(output["images"], ".mp4")
     assert mp4["kind"] == "video" and mp4["content_type"] == "video/mp4"
@@ -117,3 +121,39 @@ def test_test_input_mode_runs_the_job(comfyui: ComfyTarget, tmp_path: Path) -> N
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "inverted_00001_.png" in done.stdout + done.stderr
+
+
+# The SVI join as ComfyUI runs it (model-free: solid-colour clips from EmptyImage): our tree of
+# KJNodes' ImageBatchExtendWithOverlap gives the frames of the chain Kijai's example builds.
+COLOURS = [(240, 0, 0), (0, 240, 0), (0, 0, 240), (240, 240, 0)]
+FRAMES, OVERLAP = 12, 5
+
+
+def _join_frames(output: dict[str, Any], prefix: str) -> list[Image.Image]:
+    files = sorted((i for i in output["images"] if i["filename"].startswith(prefix)), key=lambda i: i["filename"])
+    return [Image.open(io.BytesIO(base64.b64decode(i["data"]))).convert("RGB") for i in files]
+
+
+def test_the_join_tree_gives_the_examples_chain(rp_api: RunpodApi) -> None:
+    b = GraphBuilder({})
+    clips = [b.add("EmptyImage", f"clip{k}", width=16, height=16, batch_size=FRAMES,
+                   color=(r << 16) + (g << 8) + blue) for k, (r, g, blue) in enumerate(COLOURS)]
+    b.add("SaveImage", "tree", images=join_clips(b, clips, OVERLAP), filename_prefix="tree")
+    chain = clips[0]
+    for k, clip in enumerate(clips[1:], start=1):
+        b.add("ImageBatchExtendWithOverlap", f"chain{k}", source_images=chain, new_images=clip, overlap=OVERLAP,
+              **JOIN_MODE)
+        chain = b.out(f"chain{k}", EXTENDED_IMAGES)
+    b.add("SaveImage", "chain", images=chain, filename_prefix="chain")
+
+    body = rp_api.runsync({"workflow": b.graph})
+    assert body["status"] == "COMPLETED", body
+    tree, chained = _join_frames(body["output"], "tree"), _join_frames(body["output"], "chain")
+    assert len(tree) == len(chained) == FRAMES + 3 * (FRAMES - OVERLAP)
+    assert all(max_difference(a, c) <= 1 for a, c in zip(tree, chained, strict=True))
+    # Clip 1 as it is up to the seam, then its last frames fade into clip 2's first ones.
+    seam = FRAMES - OVERLAP
+    assert tree[0].getpixel((0, 0)) == tree[seam - 1].getpixel((0, 0)) == COLOURS[0]
+    middle = tree[seam + OVERLAP // 2].getpixel((0, 0))
+    assert all(abs(m - (a + c) / 2) <= 1 for m, a, c in zip(middle, COLOURS[0], COLOURS[1], strict=True))
+    assert tree[-1].getpixel((0, 0)) == COLOURS[3]

@@ -28,9 +28,9 @@ def server() -> Iterator[UrlServer]:
 
 
 async def test_private_urls_are_refused_by_default_without_connecting(
-    fake_comfyui: ComfyTarget, server: UrlServer, net_guard: NetGuard, tmp_path: Path
+    comfyui: ComfyTarget, server: UrlServer, net_guard: NetGuard, tmp_path: Path
 ) -> None:
-    service = Service(settings(fake_comfyui, tmp_path))
+    service = Service(settings(comfyui, tmp_path))
     resolver = Resolver()
     resolver.add("bucket.internal.example", ["10.20.30.40"])
     resolver.add("rebinding.example", [PUBLIC_IP], ["127.0.0.1"])
@@ -48,8 +48,8 @@ async def test_private_urls_are_refused_by_default_without_connecting(
     assert server.connections == 0 and net_guard.attempts == []
 
 
-async def test_allowed_private_url_arrives_intact(fake_comfyui: ComfyTarget, server: UrlServer, tmp_path: Path) -> None:
-    service = Service(settings(fake_comfyui, tmp_path, allow_private_urls=True))
+async def test_allowed_private_url_arrives_intact(comfyui: ComfyTarget, server: UrlServer, tmp_path: Path) -> None:
+    service = Service(settings(comfyui, tmp_path, allow_private_urls=True))
     before = Baseline.take()
     result = await service.run("url-in", invert_job(server.url("/img.png?X-Amz-Signature=not-for-logs")))
     assert "error" not in result, result
@@ -59,12 +59,12 @@ async def test_allowed_private_url_arrives_intact(fake_comfyui: ComfyTarget, ser
     # The bounds hold on trusted networks too.
     error = (await service.run("url-big", invert_job(server.url("/big"))))["error"]
     assert error["type"] == "validation" and "larger than the 25 MB limit" in error["message"]
-    before.assert_nothing_left(fake_comfyui, tmp_path / "work", "url-in", "url-big")
+    before.assert_nothing_left(comfyui, tmp_path / "work", "url-in", "url-big")
 
 
-def test_the_setting_reaches_the_worker_from_its_environment(fake_comfyui: ComfyTarget, server: UrlServer,
+def test_the_setting_reaches_the_worker_from_its_environment(comfyui: ComfyTarget, server: UrlServer,
                                                              tmp_path: Path) -> None:
-    api = start_runpod_api(worker_env(fake_comfyui, tmp_path / "work", DIFFBOX_ALLOW_PRIVATE_URLS="1"),
+    api = start_runpod_api(worker_env(comfyui, tmp_path / "work", DIFFBOX_ALLOW_PRIVATE_URLS="1"),
                            tmp_path / "handler.log")
     try:
         body = api.runsync(invert_job(server.url("/img.png")))

@@ -18,6 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
+from diffbox import model_lock
 from diffbox.config import Settings
 from diffbox.service import Service
 from diffbox.workflows import manifest
@@ -83,7 +84,7 @@ def test_i2v_after_warm_up(api: RunpodApi) -> None:
 
     second = runsync(api, {**job, "preset": "quality", "end_image": png(64, 64), "width": 256, "height": 256})
     assert "warmup_s" not in second["timings"]
-    assert (second["steps"], second["cfg"]) == (20, 3.5)
+    assert (second["steps"], second["cfg"], second["shift"]) == (20, 4.0, 8.0)  # the flf2v template's quality
     assert video_frames(second["outputs"][0]["data"]) == (256, 256, 17)
 
 
@@ -110,7 +111,8 @@ def test_svi_returns_the_joined_video_and_every_clip(api: RunpodApi) -> None:
 
 
 # In-process: the SDK's local API has no /cancel (and answers an error result with HTTP 500),
-# and an empty models folder is per worker.
+# and an empty models folder is per worker. The requests refused before queuing run on both
+# ComfyUIs (`comfyui`); the rest needs the fake's stand-in model nodes (`comfy`).
 
 
 def _service(comfy: ComfyTarget, tmp_path: Path, **overrides: Any) -> Service:
@@ -124,32 +126,59 @@ def _history_size(comfy: ComfyTarget) -> int:
     return len(requests.get(f"{comfy.url}/history", timeout=5).json())
 
 
-async def test_bad_request_is_refused_before_queuing(comfy: ComfyTarget, tmp_path: Path) -> None:
-    before = _history_size(comfy)
-    result = await _service(comfy, tmp_path).run("bad", {"workflow": "i2v", "image": png(64, 64), "prompt": "x",
+async def test_bad_request_is_refused_before_queuing(comfyui: ComfyTarget, tmp_path: Path) -> None:
+    before = _history_size(comfyui)
+    result = await _service(comfyui, tmp_path).run("bad", {"workflow": "i2v", "image": png(64, 64), "prompt": "x",
                                                          "frames": 80})
     assert result["error"] == {"type": "validation", "message": "frames: must be 4n+1 between 5 and 161, got 80",
                                "details": [{"field": "frames", "message": "must be 4n+1 between 5 and 161, got 80"}]}
-    assert _history_size(comfy) <= before  # (an earlier job's entry may go meanwhile)
+    assert _history_size(comfyui) <= before  # (an earlier job's entry may go meanwhile)
 
 
-async def test_endpoint_serves_only_its_workflows(comfy: ComfyTarget, tmp_path: Path) -> None:
-    service = _service(comfy, tmp_path, workflows=["qwen_edit"])
+async def test_endpoint_serves_only_its_workflows(comfyui: ComfyTarget, tmp_path: Path) -> None:
+    service = _service(comfyui, tmp_path, workflows=["qwen_edit"])
     result = await service.run("not-here", {"workflow": "i2v", "image": png(64, 64), "prompt": "x"})
     assert result["error"]["message"] == "workflow: 'i2v' is not served by this endpoint"
 
 
-async def test_missing_weights_fail_before_queuing(comfy: ComfyTarget, tmp_path: Path) -> None:
-    service = _service(comfy, tmp_path, models_dir=tmp_path / "empty")
-    before = _history_size(comfy)
+async def test_missing_weights_fail_before_queuing(comfyui: ComfyTarget, tmp_path: Path) -> None:
+    service = _service(comfyui, tmp_path, models_dir=tmp_path / "empty")
+    before = _history_size(comfyui)
     result = await service.run("no-weights", {"workflow": "svi", "image": png(64, 64), "prompt": "x",
                                               "preset": "quality"})
     error = result["error"]
     assert error["type"] == "backend"
-    assert error["message"].startswith("missing model files for svi:quality under")
-    assert {(m["folder"], m["file"]) for m in error["details"]["missing"]} == {
-        (f.folder, f.name) for f in manifest.load().required("svi", "quality")}
-    assert _history_size(comfy) <= before  # nothing reached ComfyUI (an earlier job's entry may go meanwhile)
+    assert error["message"].startswith("model files for svi:quality missing or not as weights.lock.json records")
+    assert {(m["folder"], m["file"], m["problem"]) for m in error["details"]["files"]} == {
+        (f.folder, f.name, "missing") for f in manifest.load().required("svi", "quality")}
+    assert _history_size(comfyui) <= before  # nothing reached ComfyUI (an earlier job's entry may go meanwhile)
+
+
+async def test_a_volume_whose_files_differ_from_its_lock_names_them_and_the_fetch_command(
+        comfy: ComfyTarget, tmp_path: Path) -> None:
+    volume = tmp_path / "runpod-volume" / "models"
+    required = manifest.load().required("i2v", "fast")
+    locked = {}
+    for f in required:
+        f.local_path(volume).parent.mkdir(parents=True, exist_ok=True)
+        f.local_path(volume).write_bytes(b"w" * 8)
+        locked[f.key] = model_lock.LockedFile(repo=f.repo, path=f.path, folder=f.folder, revision=f.revision,
+                                              commit="c" * 40, size=8, sha256="0" * 64, fetched_at=model_lock.now())
+    short, gone = required[0], required[-1]
+    short.local_path(volume).write_bytes(b"w" * 3)  # a copy cut short
+    gone.local_path(volume).unlink()
+    model_lock.write(volume / model_lock.LOCK_NAME, model_lock.WeightsLock(files=locked))
+    service = _service(comfy, tmp_path, models_dir=volume)
+    before = _history_size(comfy)
+    result = await service.run("volume", {"workflow": "i2v", "image": png(64, 64), "prompt": "x"})
+    error = result["error"]
+    assert error["type"] == "backend"
+    assert f"{short.folder}/{short.name} (3 bytes, the lock says 8)" in error["message"]
+    assert f"{gone.folder}/{gone.name} (missing)" in error["message"]
+    assert error["message"].endswith(
+        f"Fetch them with: python -m builder download --workflows i2v --presets fast --dest {volume}")
+    assert [m["file"] for m in error["details"]["files"]] == [short.name, gone.name]
+    assert _history_size(comfy) <= before  # (an earlier job's entry may go meanwhile)
 
 
 async def test_svi_cancelled_after_clip_2_keeps_clips_1_and_2(comfy: ComfyTarget, tmp_path: Path) -> None:

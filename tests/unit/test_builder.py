@@ -13,14 +13,16 @@ import yaml
 
 from builder import BuildError, weights
 from builder.__main__ import main
+from diffbox import model_lock
 from diffbox.backends.comfyui_server import ComfyServer
 from diffbox.config import Settings
+from diffbox.model_lock import LockedFile, WeightsLock
 from diffbox.model_paths import COMFY_FOLDERS, CONFIG_NAME
 from diffbox.workflows import manifest as manifest_module
 
 
-def _file(repo: str, path: str, folder: str, size: int, sha256: str | None = None) -> dict[str, Any]:
-    return {"repo": repo, "revision": "abc123", "path": path, "folder": folder, "size": size, "sha256": sha256}
+def _file(repo: str, path: str, folder: str, size: int) -> dict[str, Any]:
+    return {"repo": repo, "revision": "abc123", "path": path, "folder": folder, "size": size}
 
 
 @pytest.fixture
@@ -54,18 +56,18 @@ def test_plan_lists_each_file_once_with_the_total(small_manifest: Path, capsys: 
     plan = _plan(capsys, small_manifest, "--workflows", "i2v,qwen_edit", "--presets", "fast")
     # qwen_edit means both variants; te and vae are shared and counted once.
     assert [f["key"] for f in plan["files"]] == ["unet", "te", "vae", "lora", "edit11", "edit_lora", "edit09"]
-    assert plan["total_bytes"] == 1000 + 200 + 30 + 4 + 50_000 + 5 + 60_000
+    assert plan["total_bytes_estimate"] == 1000 + 200 + 30 + 4 + 50_000 + 5 + 60_000
     assert plan["files"][0] == {"key": "unet", "repo": "org/wan", "revision": "abc123",
                                 "path": "split/diffusion_models/unet.safetensors", "folder": "diffusion_models",
-                                "size": 1000, "sha256": None}
+                                "size_estimate": 1000}
 
     one = _plan(capsys, small_manifest, "--workflows", "qwen_edit:2511", "--presets", "quality")
-    assert one["total_bytes"] == 50_000 + 200 + 30
+    assert one["total_bytes_estimate"] == 50_000 + 200 + 30
     assert _plan(capsys, small_manifest, "--workflows", "none")["files"] == []
 
     assert main(["plan", "--manifest", str(small_manifest), "--workflows", "i2v", "--presets", "fast"]) == 0
     table = capsys.readouterr().out
-    assert "split/vae/vae.safetensors" in table and "4 files, 1.2 kB (1234 bytes)" in table
+    assert "split/vae/vae.safetensors" in table and "4 files, about 1.2 kB (1234 bytes, estimated;" in table
 
 
 def test_plan_refuses_unknown_workflows_and_presets(small_manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,34 +115,51 @@ def _place(dest: Path, folder: str, name: str, data: bytes) -> None:
     (dest / folder / name).write_bytes(data)
 
 
-def test_verify_reports_missing_wrong_size_and_bad_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    good, bad = b"g" * 10, b"b" * 20
+def _locked(f: dict[str, Any], data: bytes) -> LockedFile:
+    return LockedFile(repo=f["repo"], path=f["path"], folder=f["folder"], revision=f["revision"], commit="c" * 40,
+                      size=len(data), sha256=hashlib.sha256(data).hexdigest(), fetched_at="2026-01-01T00:00:00Z")
+
+
+def test_verify_checks_each_file_against_the_lock(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, bad, short = b"g" * 10, b"b" * 20, b"s" * 30
     files = {
-        "good": _file("o/r", "a/good.safetensors", "vae", 10, hashlib.sha256(good).hexdigest()),
-        "corrupt": _file("o/r", "a/corrupt.safetensors", "vae", 20, hashlib.sha256(bad).hexdigest()),
+        "good": _file("o/r", "a/good.safetensors", "vae", 11),  # the manifest's size is an estimate
+        "corrupt": _file("o/r", "a/corrupt.safetensors", "vae", 20),
         "short": _file("o/r", "a/short.safetensors", "loras", 30),
         "gone": _file("o/r", "a/gone.safetensors", "loras", 40),
+        "unlocked": _file("o/r", "a/unlocked.safetensors", "loras", 40),
+        "moved": _file("o/r", "a/moved.safetensors", "loras", 40),
     }
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"files": files, "workflows": {"i2v": {"fast": list(files)}}}))
+    lock = WeightsLock(files={"good": _locked(files["good"], good), "corrupt": _locked(files["corrupt"], bad),
+                              "short": _locked(files["short"], short), "gone": _locked(files["gone"], b"x"),
+                              "moved": _locked({**files["moved"], "revision": "v1"}, b"m")})
     dest = tmp_path / "models"
+    model_lock.write(dest / model_lock.LOCK_NAME, lock)
     _place(dest, "vae", "good.safetensors", good)
     _place(dest, "vae", "corrupt.safetensors", b"x" * 20)
     _place(dest, "loras", "short.safetensors", b"s" * 3)
-    _place(dest, "loras", "gone.safetensors.0123.incomplete", b"p")
+    _place(dest, "loras", "unlocked.safetensors", b"u")
+    _place(dest, "loras", "moved.safetensors", b"m")
 
-    checks = {c.file.key: c for c in weights.verify(list(manifest_module.load(manifest).files.values()), dest)}
+    selected = list(manifest_module.load(manifest).files.values())
+    checks = {c.file.key: c for c in weights.verify(selected, dest, lock)}
     assert {k: c.status for k, c in checks.items()} == {
-        "good": "ok", "corrupt": "sha256 mismatch", "short": "wrong size", "gone": "missing"}
-    assert checks["gone"].detail == "partial download present"
+        "good": "ok", "corrupt": "sha256 mismatch", "short": "wrong size", "gone": "missing",
+        "unlocked": "not locked", "moved": "lock differs"}
     assert checks["short"].actual_size == 3
+    assert checks["moved"].detail == "locked o/r@v1 a/moved.safetensors"
 
     assert main(["verify", "--manifest", str(manifest), "--dest", str(dest)]) == 1
     out = capsys.readouterr().out
     assert "sha256 mismatch  vae/corrupt.safetensors" in out
-    assert "1 of 4 files ok" in out
+    assert "1 of 6 files ok" in out
     assert main(["verify", "--manifest", str(manifest), "--dest", str(dest), "--no-hash"]) == 1
-    assert "2 of 4 files ok" in capsys.readouterr().out
+    assert "2 of 6 files ok" in capsys.readouterr().out
+    (dest / model_lock.LOCK_NAME).write_text("{}}")
+    assert main(["verify", "--manifest", str(manifest), "--dest", str(dest)]) == 2
+    assert f"{dest / model_lock.LOCK_NAME}: not a weights lock" in capsys.readouterr().err
 
 
 def test_chat_model_reference_parses() -> None:
@@ -169,3 +188,12 @@ def _argv(server: ComfyServer) -> list[str]:
     process = server.supervisor.process
     assert process is not None
     return process.argv
+
+
+def test_the_disk_space_check_counts_what_the_hub_reports(tmp_path: Path) -> None:
+    f = manifest_module.ModelFile("unet", "org/wan", "main", "split/unet.safetensors", "diffusion_models", 1)
+    fits = weights._Job(f, "main", None, remote=weights.Remote("c" * 40, 1000, None))
+    weights._check_space([fits], tmp_path)
+    huge = weights._Job(f, "main", None, remote=weights.Remote("c" * 40, 10**18, None))
+    with pytest.raises(BuildError, match=r"free; the files to fetch need 1000000\.0 TB \(1000000000000001000 bytes"):
+        weights._check_space([fits, huge], tmp_path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -29,11 +31,17 @@ def _repo(path: Path, files: dict[str, str]) -> str:
     return _git(path, "rev-parse", "HEAD")
 
 
+@pytest.fixture(autouse=True)
+def no_ambient_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    # .ci/run sets it for the whole suite; these tests choose their sources themselves.
+    monkeypatch.delenv("DIFFBOX_COMFYUI_SOURCE", raising=False)
+
+
 @pytest.fixture
 def upstream(tmp_path: Path) -> dict[str, str]:
     src = tmp_path / "upstream"
     return {
-        "comfy_v1": _repo(src / "ComfyUI", {"main.py": "v1\n", "requirements.txt": "# torch\n"}),
+        "comfy_v1": _repo(src / "ComfyUI", {"main.py": "v1\n", "requirements.txt": "torch\ntorchaudio\nnumpy>=1.25\n"}),
         "comfy_v2": _repo(src / "ComfyUI", {"main.py": "v2\n"}),
         "kj": _repo(src / "KJNodes", {"nodes.py": "kj\n", "requirements.txt": "# opencv\n"}),
         "other": _repo(src / "Other", {"nodes.py": "other\n"}),
@@ -106,8 +114,11 @@ def test_deps_go_into_a_venv_torch_first_then_all_requirements_at_once(
     assert python == dest / "venv" / "bin" / "python" and python.exists()
     installs = [argv for argv in seen if "install" in argv]
     assert installs[0][-5:] == [*comfyui.TORCH_PACKAGES, "--index-url", comfyui.TORCH_CPU_INDEX]
-    # One resolution for ComfyUI's and every node's requirements (Other has none).
-    assert installs[1][-4:] == ["-r", str(comfy / "requirements.txt"), "-r", str(nodes[0] / "requirements.txt")]
+    # One resolution for ComfyUI's and every node's requirements (Other has none), without the
+    # torch lines: the torch installed first stays.
+    merged = dest / "venv" / "requirements.diffbox.txt"
+    assert installs[1][-3:] == ["-r", str(merged), *comfyui.UNDECLARED]
+    assert merged.read_text().splitlines() == ["numpy>=1.25", "# opencv"]
 
     seen.clear()
     comfyui.install_deps(dest, comfy, nodes, comfyui.TORCH_CPU_INDEX, comfyui.TORCH_PACKAGES)
@@ -122,3 +133,80 @@ def test_the_repository_pins_name_comfyui_and_kjnodes_by_commit() -> None:
     assert core.repo == "https://github.com/Comfy-Org/ComfyUI" and len(core.commit) == 40
     assert "ComfyUI-KJNodes" in {n.name for n in nodes}
     assert all(len(n.commit) == 40 for n in nodes)
+
+
+def _archive(path: Path, top: str, files: dict[str, str]) -> Path:
+    """A `git archive --prefix=TOP/`-shaped .tar.gz."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_local_archives_replace_github_and_say_when_they_are_not_the_pin(
+    tmp_path: Path, upstream: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pins = _pins(tmp_path, upstream, "comfy_v1")
+    src = tmp_path / "src"
+    src.mkdir()
+    _archive(src / "ComfyUI-a125cd8.tar.gz", "ComfyUI", {"main.py": "archived\n"})
+    # The node archive at its pinned commit; a ComfyUI-prefixed name is not taken for ComfyUI.
+    _archive(src / f"ComfyUI-KJNodes-{upstream['kj'][:7]}.tar.gz", "ComfyUI-KJNodes", {"nodes.py": "kj archived\n"})
+    # A node given as a plain tree, in a folder named as the checkout.
+    _repo(tmp_path / "trees" / "Other", {"nodes.py": "other tree\n"})
+    dest = tmp_path / ".comfyui"
+    args = ["comfyui", "--dest", str(dest), "--pins", str(pins), "--no-deps-install"]
+    monkeypatch.setenv("DIFFBOX_COMFYUI_SOURCE", f"{src}:{tmp_path / 'trees' / 'Other'}")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    comfy = dest / "ComfyUI"
+    assert (comfy / "main.py").read_text() == "archived\n"
+    assert (comfy / "custom_nodes" / "ComfyUI-KJNodes" / "nodes.py").read_text() == "kj archived\n"
+    assert (comfy / "custom_nodes" / "Other" / "nodes.py").read_text() == "other tree\n"
+    assert not (comfy / "custom_nodes" / "Other" / ".git").exists()
+    assert f"commit a125cd8, NOT the pinned {upstream['comfy_v1'][:12]}" in out
+    assert f"the pinned commit {upstream['kj'][:12]}" in out
+    assert "git " not in out  # nothing from the network
+
+    assert main(args) == 0
+    assert "already from" in capsys.readouterr().out
+    assert (comfy / "custom_nodes" / "Other" / "nodes.py").is_file()
+
+
+def test_a_checkout_missing_from_the_sources_fails_naming_it(
+    tmp_path: Path, upstream: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    _archive(src / "ComfyUI-a125cd8.tar.gz", "ComfyUI", {"main.py": "archived\n"})
+    args = ["comfyui", "--dest", str(tmp_path / "d"), "--pins", str(_pins(tmp_path, upstream, "comfy_v1")),
+            "--no-deps-install", "--source", str(src)]
+    assert main(args) == 2
+    assert "no source for ComfyUI-KJNodes" in capsys.readouterr().err
+
+
+def test_an_unreachable_repository_says_how_to_install_without_github(
+    tmp_path: Path, upstream: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pins = json.loads(_pins(tmp_path, upstream, "comfy_v1").read_text())
+    pins["comfyui"]["repo"] = f"file://{tmp_path}/nowhere"
+    (tmp_path / "gone.json").write_text(json.dumps(pins))
+    assert main(["comfyui", "--dest", str(tmp_path / "d"), "--pins", str(tmp_path / "gone.json"),
+                 "--no-deps-install"]) == 2
+    assert "--source DIR_OR_ARCHIVE or DIFFBOX_COMFYUI_SOURCE" in capsys.readouterr().err
+
+
+def test_an_archive_reaching_out_of_its_tree_is_refused(
+    tmp_path: Path, upstream: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    _archive(src / "ComfyUI-a125cd8.tar.gz", "ComfyUI", {"main.py": "x\n", "../../escaped.txt": "no\n"})
+    args = ["comfyui", "--dest", str(tmp_path / "d"), "--pins", str(_pins(tmp_path, upstream, "comfy_v1")),
+            "--no-deps-install", "--source", str(src)]
+    assert main(args) == 2
+    assert "ComfyUI-a125cd8.tar.gz: cannot unpack" in capsys.readouterr().err
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "d" / "escaped.txt").exists()

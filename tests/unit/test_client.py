@@ -316,6 +316,17 @@ def test_run_arguments_make_requests(tmp_path: Path) -> None:
         run_request(_args(run_arguments, "raw"))
 
 
+def test_lora_arguments_read_from_the_right() -> None:
+    args = _args(run_arguments, "i2v", "--lora", "hf://o/r/x.safetensors@v1:0.8:high",
+                 "--lora", "https://civitai.com:443/api/download/models/1:-1.5", "--lora", "s3://b/k.safetensors:low",
+                 "--lora", "https://h.example/a.safetensors")
+    assert run_request(args)["loras"] == [
+        {"source": "hf://o/r/x.safetensors@v1", "strength": 0.8, "target": "high"},
+        {"source": "https://civitai.com:443/api/download/models/1", "strength": -1.5},
+        {"source": "s3://b/k.safetensors", "target": "low"},
+        {"source": "https://h.example/a.safetensors"}]
+
+
 def test_chat_arguments_make_requests(tmp_path: Path) -> None:
     assert chat_request(_args(chat_arguments, "hi", "--max-tokens", "9"), True) == {
         "workflow": "chat", "prompt": "hi", "max_tokens": 9, "stream": True}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
@@ -34,6 +35,18 @@ class SlowService:
         if payload.get("fail"):
             return {"error": {"type": "validation", "message": "prompt: required"}}
         return {"workflow": "i2v", "echo": payload}
+
+
+class ChatStandIn(SlowService):
+    """Streams a chat's chunks one by one, each once `release` is set again."""
+
+    async def stream(self, job_id: str, payload: Any, emit: Emit,
+                     stop: threading.Event | None = None) -> AsyncIterator[dict[str, Any]]:
+        for chunk in ({"delta": "a "}, {"delta": "cat", "finish_reason": "stop"}):
+            while not self.release.is_set():
+                await asyncio.sleep(0.01)
+            self.release.clear()
+            yield chunk
 
 
 def client(service: SlowService, **options: Any) -> TestClient:
@@ -143,3 +156,41 @@ def test_the_runpod_sdk_switches_to_it_by_url(monkeypatch: pytest.MonkeyPatch) -
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_stream_hands_out_a_streamed_chats_chunks_once_each() -> None:
+    service = ChatStandIn()
+    with client(service) as api:
+        job_id = api.post("/run", json={"input": {"workflow": "chat", "prompt": "hi", "stream": True}}).json()["id"]
+        assert api.post(f"/stream/{job_id}").json() == {"id": job_id, "status": "IN_QUEUE", "stream": []}
+        service.release.set()
+        deadline = time.monotonic() + 10
+        while not (first := api.get(f"/stream/{job_id}").json())["stream"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert first["stream"] == [{"output": {"delta": "a "}}]
+        service.release.set()
+        done = poll(api, job_id, "COMPLETED")
+        # /status has the whole list, as RunPod aggregates a generator handler's chunks.
+        assert done["output"] == [{"delta": "a "}, {"delta": "cat", "finish_reason": "stop"}]
+        rest = api.get(f"/stream/{job_id}").json()
+        assert rest == {"id": job_id, "status": "COMPLETED",
+                        "stream": [{"output": {"delta": "cat", "finish_reason": "stop"}}]}
+        assert api.get(f"/any-endpoint/stream/{job_id}").json()["stream"] == []
+        assert api.get("/stream/nope").status_code == 404
+
+
+def test_a_runner_that_cannot_stream_has_no_stream_route() -> None:
+    class NoStream:
+        async def submit(self, payload: Any) -> str:
+            return "x"
+
+        async def status(self, job_id: str, wait_s: float = 0.0) -> JobStatus | None:
+            return JobStatus("IN_QUEUE")
+
+        async def cancel(self, job_id: str) -> JobStatus | None:
+            return None
+
+    with TestClient(create_app(NoStream())) as api:
+        # FastAPI's own 404, which the client reads as "this endpoint cannot stream".
+        assert api.get("/stream/x").json() == {"detail": "Not Found"}

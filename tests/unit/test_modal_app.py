@@ -29,13 +29,18 @@ DESCRIBE = """
 import dataclasses, json, warnings
 warnings.simplefilter("ignore")
 import modal_app as m
+from modal._partial_function import _PartialFunctionFlags as F, _find_partial_methods_for_user_cls
 
 def spec(function):
     s = function._spec_
     return {"gpu": s.gpus, "volumes": {str(k): repr(v) for k, v in s.volumes.items()},
             "secrets": [repr(x) for x in s.secrets]}
 
+def enter(flag):
+    return list(_find_partial_methods_for_user_cls(m.Worker._get_user_cls(), flag))
+
 print(json.dumps({"app": m.app.name, "methods": sorted(m.Worker._get_method_names()),
+                  "enter": {"snapshot": enter(F.ENTER_PRE_SNAPSHOT), "restore": enter(F.ENTER_POST_SNAPSHOT)},
                   "worker": spec(m.Worker._get_class_service_function()), "web": spec(m.web),
                   "download": spec(m.download_models), "config": dataclasses.asdict(m.CONFIG)}))
 """
@@ -69,12 +74,22 @@ def test_defaults_define_the_gpu_class_web_api_and_download() -> None:
     assert config["scaledown_s"] == 300
     # Modal's bound covers the backends' start and the worker's own job timeout.
     assert config["timeout_s"] == 900 + 3600 + 300
+    # Memory snapshots: one hook before the snapshot, one after each restore; GPU ones opt-in.
+    assert config["snapshot"] and not config["gpu_snapshot"]
+    assert d["enter"] == {"snapshot": ["prepare"], "restore": ["start"]}
+
+
+def test_snapshots_can_be_turned_off() -> None:
+    off = describe(DIFFBOX_MODAL_SNAPSHOT="0", DIFFBOX_MODAL_GPU_SNAPSHOT="1")
+    assert not off["config"]["snapshot"] and not off["config"]["gpu_snapshot"]
+    # Modal refuses a `snap=True` hook without snapshots: both run at start, in this order.
+    assert off["enter"] == {"snapshot": [], "restore": ["prepare", "start"]}
 
 
 def test_deploy_environment_chooses_gpu_secrets_and_worker_settings() -> None:
     d = describe(DIFFBOX_MODAL_GPU="H100, A100-80GB", DIFFBOX_MODAL_S3_SECRET="my-s3",
                  DIFFBOX_MODAL_HF_SECRET="my-hf", DIFFBOX_MODAL_API_SECRET="", DIFFBOX_MODAL_SCALEDOWN_S="60",
-                 DIFFBOX_WORKFLOWS="i2v", DIFFBOX_JOB_TIMEOUT_S="600",
+                 DIFFBOX_WORKFLOWS="i2v", DIFFBOX_JOB_TIMEOUT_S="600", DIFFBOX_MODAL_GPU_SNAPSHOT="1",
                  DIFFBOX_COMFYUI_URL="http://127.0.0.1:8188", DIFFBOX_API_KEY="local-secret")
     worker, config = d["worker"], d["config"]
     assert worker["gpu"] == ["H100", "A100-80GB"]
@@ -83,6 +98,8 @@ def test_deploy_environment_chooses_gpu_secrets_and_worker_settings() -> None:
     assert d["download"]["secrets"] == ["modal.Secret.from_name('my-hf')"]
     assert d["web"]["secrets"] == []
     assert config["scaledown_s"] == 60 and config["timeout_s"] == 900 + 600 + 300
+    assert config["snapshot"] and config["gpu_snapshot"]
+    assert d["enter"] == {"snapshot": ["prepare"], "restore": ["start"]}
     env = config["worker_env"]
     assert env["DIFFBOX_WORKFLOWS"] == "i2v" and env["DIFFBOX_JOB_TIMEOUT_S"] == "600"
     # The deploying machine's own servers, paths and secrets stay there.

@@ -56,7 +56,8 @@ def test_bad_values_are_refused_naming_field_and_rule(payload: dict[str, Any], m
 
 def test_defaults_follow_the_design() -> None:
     _, i2v = parse(I2V)
-    assert (i2v.frames, i2v.fps, i2v.preset, i2v.shift, i2v.seed) == (81, 16, "fast", 5.0, None)  # type: ignore[attr-defined]
+    # shift None: the preset's (5, or 8 for quality with an end image, as the flf2v template)
+    assert (i2v.frames, i2v.fps, i2v.preset, i2v.shift, i2v.seed) == (81, 16, "fast", None, None)  # type: ignore[attr-defined]
     assert i2v.negative_prompt.startswith("色调艳丽")  # type: ignore[attr-defined]
     _, svi = parse(SVI)
     assert (svi.frames_per_clip, svi.motion_latents, svi.clip_prompts()) == (81, 1, ["a cat"])  # type: ignore[attr-defined]
@@ -84,17 +85,22 @@ def test_one_side_given_takes_the_other_from_the_aspect() -> None:
     assert (settings["width"], settings["height"]) == (512, 512)
 
 
-def test_qwen_size_defaults_to_first_image_aspect_at_about_1_megapixel() -> None:
-    settings = plan_of(QWEN, 1024, 768).settings
-    assert (settings["width"] % 8, settings["height"] % 8) == (0, 0)
-    assert abs(settings["width"] * settings["height"] - 1024 * 1024) < 0.02 * 1024 * 1024
-    assert abs(settings["width"] / settings["height"] - 4 / 3) < 0.01
+def test_qwen_size_defaults_to_the_kontext_size_nearest_the_first_images_aspect() -> None:
+    # FluxKontextImageScale's choice, as in the official templates: about 1 MP, nearest in aspect.
+    assert [(s["width"], s["height"]) for s in (plan_of(QWEN, w, h).settings for w, h in (
+        (1024, 768), (768, 1024), (1000, 1000), (1920, 1080), (300, 2000)))] == [
+        (1184, 880), (880, 1184), (1024, 1024), (1392, 752), (672, 1568)]
 
 
 def test_settings_carry_what_the_job_used() -> None:
     i2v = plan_of({**I2V, "seed": 7, "preset": "quality", "frames": 33, "fps": 8}).settings
     assert i2v == {"seed": 7, "preset": "quality", "steps": 20, "switch_step": 10, "cfg": 3.5, "shift": 5.0,
                    "width": 832, "height": 480, "frames": 33, "fps": 8, "duration_s": 4.125}
+    flf2v = plan_of({**I2V, "end_image": "y", "preset": "quality"}).settings
+    assert (flf2v["steps"], flf2v["switch_step"], flf2v["cfg"], flf2v["shift"]) == (20, 10, 4.0, 8.0)
+    assert plan_of({**I2V, "end_image": "y", "preset": "quality", "shift": 5.0, "cfg": 3.5}).settings["shift"] == 5.0
+    svi_fast = plan_of({**SVI, "clips": 2}).settings
+    assert (svi_fast["steps"], svi_fast["switch_step"], svi_fast["cfg"], svi_fast["shift"]) == (6, 3, 1.0, 5.0)
     drawn = plan_of(I2V).settings["seed"]
     assert isinstance(drawn, int) and 0 <= drawn < 2**53
     overridden = plan_of({**I2V, "steps": 8, "cfg": 2.0}).settings

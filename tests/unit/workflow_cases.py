@@ -46,6 +46,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     *[(f"qwen-{model}-{preset}-{n}", {"workflow": "qwen_edit", "images": ["x"] * n, "prompt": "p",
                                       "model": model, "preset": preset})
       for model in ("2511", "2509") for preset in ("fast", "quality") for n in (1, 2, 3)],
+    *[(f"qwen-{model}-sized", {"workflow": "qwen_edit", "images": ["x", "y"], "prompt": "p", "model": model,
+                               "width": 512, "height": 384}) for model in ("2511", "2509")],
 ]
 
 

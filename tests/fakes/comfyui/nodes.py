@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import av
 from PIL import Image, ImageFilter, ImageOps, ImageSequence, PngImagePlugin
 
+from diffbox.workflows.sizing import kontext_size
+
 from .faults import FaultPoint
 from .validate import (
     Paths,
@@ -1076,17 +1078,10 @@ def image_scale_to_total_pixels(ctx: NodeContext, image: ImageList, upscale_meth
     return (out,), None
 
 
-_KONTEXT_RESOLUTIONS = [
-    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
-    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
-    (1568, 672),
-]
-
-
 @node("FluxKontextImageScale")
 def flux_kontext_image_scale(ctx: NodeContext, image: ImageList) -> NodeResult:
     w, h = image[0].size
-    _, tw, th = min((abs(w / h - kw / kh), kw, kh) for kw, kh in _KONTEXT_RESOLUTIONS)
+    tw, th = kontext_size(w / h)
     return ([common_upscale(im, tw, th, "lanczos", "center") for im in image],), None
 
 
@@ -1117,6 +1112,30 @@ def image_from_batch(ctx: NodeContext, image: ImageList, batch_index: int, lengt
     batch_index = min(len(image) - 1, batch_index)
     length = min(len(image) - batch_index, length)
     return (image[batch_index:batch_index + length],), None
+
+
+@node("ImageBatchExtendWithOverlap")
+def image_batch_extend_with_overlap(ctx: NodeContext, source_images: ImageList, overlap: int, overlap_side: str,
+                                    overlap_mode: str, new_images: ImageList | None = None) -> NodeResult:
+    """KJNodes' join of two clips (nodes/image_nodes.py at the pinned commit): the last `overlap`
+    frames of the source and the first of the new images become one cross-fade. The fake blends
+    linearly for every mode but `cut`."""
+    if overlap > len(source_images):
+        return (source_images, source_images, source_images), None
+    if new_images is None:
+        return (source_images, source_images[-overlap:], [Image.new("RGB", (64, 64))]), None
+    if source_images[0].size != new_images[0].size:
+        raise ValueError(f"Source and new images must have the same shape: {source_images[0].size} vs "
+                         f"{new_images[0].size}")
+    if overlap_mode == "cut":
+        extended = (list(source_images) + list(new_images[overlap:]) if overlap_side == "new_images"
+                    else list(source_images[:-overlap]) + list(new_images))
+    else:
+        tail, head = source_images[-overlap:], new_images[:overlap]
+        src, dst = (tail, head) if overlap_side == "source" else (head, tail)
+        blended = [Image.blend(a, b, (i + 1) / (overlap + 1)) for i, (a, b) in enumerate(zip(src, dst, strict=True))]
+        extended = list(source_images[:-overlap]) + blended + list(new_images[overlap:])
+    return (source_images, source_images[-overlap:], extended), None
 
 
 @node("GetImageRangeFromBatch")
@@ -1448,7 +1467,7 @@ def wan_image_to_video(ctx: NodeContext, positive: Handle, negative: Handle, vae
 
 @node("WanImageToVideoSVIPro")
 def wan_image_to_video_generic(ctx: NodeContext, **inputs: Any) -> NodeResult:
-    """A Wan image-to-video conditioning node whose schema comes from extra_schemas/: the latent
+    """A Wan image-to-video conditioning node (KJNodes' schema, recorded in object_info.json): the latent
     takes width/height/length from its inputs, or the size of its first image or latent input
     (WanImageToVideoSVIPro sizes its video by the anchor latent)."""
     images = [v for v in inputs.values() if isinstance(v, list) and v and isinstance(v[0], Image.Image)]

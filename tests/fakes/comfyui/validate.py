@@ -228,7 +228,7 @@ def _combo_source(class_type: str, name: str, spec: Any) -> str | None:
     return MODEL_INPUTS_BY_CLASS.get((class_type, name)) or MODEL_INPUTS_BY_NAME.get(name)
 
 
-def _load_extra_schemas(directory: Path) -> dict[str, dict[str, Any]]:
+def load_extra_schemas(directory: Path) -> dict[str, dict[str, Any]]:
     extra: dict[str, dict[str, Any]] = {}
     if not directory.is_dir():
         return extra
@@ -249,7 +249,7 @@ class Schemas:
     def __init__(self, paths: Paths, extra_dir: Path = EXTRA_SCHEMAS_DIR) -> None:
         self.paths = paths
         self.base: dict[str, dict[str, Any]] = json.loads(OBJECT_INFO_PATH.read_text())
-        self.base.update(_load_extra_schemas(extra_dir))
+        self.base.update(load_extra_schemas(extra_dir))
         # (class, input) -> list source, for the entries whose lists come from the disk.
         self._live: dict[str, dict[tuple[str, str], str]] = {}
         for class_type, entry in self.base.items():
