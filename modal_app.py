@@ -34,9 +34,9 @@ import modal.exception
 from fastapi import FastAPI
 
 from diffbox import runtime
+from diffbox.api.http_api import Jobs, JobStatus, create_app
+from diffbox.api.jobs import ProgressPublisher, run_job, stream_job
 from diffbox.config import Settings, flag
-from diffbox.http_api import Jobs, JobStatus, create_app
-from diffbox.jobs import ProgressPublisher, run_job, stream_job
 from diffbox.service import Service
 
 REPO = Path(__file__).resolve().parent
@@ -55,8 +55,8 @@ VLLM_HOME = "/opt/vllm"
 # What `python -m builder` imports, as Dockerfile.serverless copies it for its builder layers:
 # with only these built in (and an empty diffbox/workflows/__init__.py, which would import
 # every workflow), a code change elsewhere keeps the ComfyUI layer cached.
-BUILDER_FILES = ("diffbox/__init__.py", "diffbox/errors.py", "diffbox/media.py", "diffbox/model_lock.py",
-                 "diffbox/model_paths.py",
+BUILDER_FILES = ("diffbox/__init__.py", "diffbox/errors.py", "diffbox/model_lock.py", "diffbox/model_paths.py",
+                 "diffbox/inputs/__init__.py", "diffbox/inputs/media.py",
                  "diffbox/workflows/base.py", "diffbox/workflows/graph.py", "diffbox/workflows/manifest.py")
 MODELS_DIR = "/models"
 # Where the package's sources are mounted: diffbox/ finds workflows/ beside itself.

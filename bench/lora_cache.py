@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from diffbox.config import Settings
+from diffbox.inputs.urls import UrlPolicy
 from diffbox.loras.fetch import fetcher_for
 from diffbox.loras.request import LoraEntry
-from diffbox.urls import UrlPolicy
 from tests.fakes.hf_hub import serve_fake_hub
 from tests.lorafiles import safetensors_bytes
 

@@ -60,8 +60,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from diffbox.config import S3Settings
-    from diffbox.s3 import S3Store
-    from diffbox.storage import OutputUploads
+    from diffbox.storage.s3 import S3Store
+    from diffbox.storage.stores import OutputUploads
     from tests.s3 import ACCESS_KEY, REGION, SECRET_KEY, start_moto
 
     with tempfile.TemporaryDirectory(prefix="diffbox-bench-") as tmp_name:

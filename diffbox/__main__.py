@@ -25,7 +25,7 @@ from pydantic.json_schema import models_json_schema
 
 from .client import cli as client_cli
 from .errors import JobError
-from .media import InputImage, decode_image
+from .inputs.media import InputImage, decode_image
 from .workflows import CHAT_DROP_IN, NAMED, RAW, parse
 from .workflows.base import JobContext
 
@@ -99,7 +99,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serve import serve  # the worker and its server: imported only to run them
+    from .api.serve import serve  # the worker and its server: imported only to run them
 
     serve(args.host, args.port, os.environ.get("DIFFBOX_API_KEY"))
     return 0

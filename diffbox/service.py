@@ -22,18 +22,19 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from . import chat, logs, urls, warmup
+from . import chat, logs, warmup
 from .backends.comfyui import FileRef, output_files
 from .backends.comfyui_job import Outcome, PromptRun, lost
 from .backends.comfyui_server import ComfyServer
 from .backends.vllm import VllmServer
 from .config import Settings
 from .errors import JobError, backend, validation
-from .media import InputImage, decode_image
+from .inputs import urls
+from .inputs.media import InputImage, decode_image
 from .memory import release_free_memory
 from .progress import STOPPED, Emit, ProgressTracker
 from .schemas import OutputOptions
-from .storage import OutputUploads, choose_store, object_key
+from .storage.stores import OutputUploads, choose_store, object_key
 from .workflows import RAW, Workflow, check_models, parse
 from .workflows.base import JobContext, Plan
 from .workflows.loras import bind
@@ -41,7 +42,7 @@ from .workflows.raw import check_allowed
 
 if TYPE_CHECKING:
     from .loras.fetch import JobLoras
-    from .s3 import S3Store
+    from .storage.s3 import S3Store
 
 log = logs.get("service")
 CLEANUP_DELAY_S = 0.05
@@ -54,7 +55,7 @@ def _no_progress(_: dict[str, Any]) -> None:
 def _s3_store(settings: Settings) -> S3Store | None:
     if settings.s3 is None:
         return None
-    from .s3 import S3Store  # here: boto3 is about 6 MB resident, its S3 client 13 more
+    from .storage.s3 import S3Store  # here: boto3 is about 6 MB resident, its S3 client 13 more
 
     return S3Store(settings.s3)
 

@@ -11,7 +11,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from .. import runtime
-from ..http_api import JobStatus, LocalJobs, stream_envelope
+from ..api.http_api import JobStatus, LocalJobs, stream_envelope
 from .errors import EndpointError
 from .transports import Envelope
 

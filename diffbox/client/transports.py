@@ -52,7 +52,7 @@ class Transport(Protocol):
 class HttpTransport:
     """RunPod's serverless API under `base_url`: POST /run, /status/{id}, /stream/{id},
     /cancel/{id}. Works with `https://api.runpod.ai/v2/ENDPOINT_ID`, the Modal web endpoint
-    (`diffbox.http_api`), and the runpod SDK's local API server (`handler.py --rp_serve_api`),
+    (`diffbox.api.http_api`), and the runpod SDK's local API server (`handler.py --rp_serve_api`),
     which takes POST only and has no /cancel."""
 
     name = "http"

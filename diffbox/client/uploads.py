@@ -42,7 +42,7 @@ class S3Uploader:
     bucket) or a presigned https URL (`presign` True: any worker that can reach the store)."""
 
     def __init__(self, settings: S3Settings, presign: bool) -> None:
-        from ..s3 import S3Store
+        from ..storage.s3 import S3Store
 
         self.store = S3Store(settings)
         self.prefix = "/".join(part for part in (settings.prefix, "inputs") if part)

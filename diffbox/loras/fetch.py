@@ -8,12 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import logs, urls
+from .. import logs
 from ..config import Settings
 from ..errors import JobError, validation
-from ..outputs import sha256_file
-from ..s3 import S3Store
-from ..urls import Transfer, Validators
+from ..inputs import urls
+from ..inputs.urls import Transfer, Validators
+from ..storage.outputs import sha256_file
+from ..storage.s3 import S3Store
 from .cache import LoraCache, Pin
 from .header import NotALora, check_lora
 from .request import HfSource, HttpsSource, LoraEntry, Source

@@ -3,7 +3,7 @@
 - hf://: huggingface_hub, against HF_ENDPOINT; HF_TOKEN goes to the Hub only, never to the
   CDN host a large file is served from. The Hub's ETag of an LFS file is its sha256: it
   names the cache entry before a byte is downloaded.
-- https://: the URL guard (diffbox.urls: https only, public addresses only, every redirect
+- https://: the URL guard (diffbox.inputs.urls: https only, public addresses only, every redirect
   re-checked); CIVITAI_TOKEN goes to civitai.com hosts only, decided again on every hop.
 - s3://: this endpoint's bucket, through its S3 client; the ETag names the version.
 Every fetch streams into a `Download`, which bounds the size while the bytes arrive.
@@ -26,9 +26,9 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils.tqdm import silent_tqdm
 
-from .. import urls
 from ..errors import JobError, validation
-from ..s3 import S3Store
+from ..inputs import urls
+from ..storage.s3 import S3Store
 from .request import HfSource, HttpsSource, S3Source
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..media import InputImage
+from ..inputs.media import InputImage
 
 Graph = dict[str, dict[str, Any]]
 # Decodes and verifies one request image value; the string names the field for errors.

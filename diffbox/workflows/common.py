@@ -7,7 +7,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field, ValidationInfo
 
-from ..media import InputImage
+from ..inputs.media import InputImage
 from ..schemas import OutputOptions, Strict
 from .base import ImageLoader, JobContext, Upload
 from .raw import MAX_SEED

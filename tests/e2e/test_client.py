@@ -1,7 +1,7 @@
 """diffbox.client and the `diffbox` CLI against running endpoints over the fake ComfyUI:
 
 - the runpod SDK's local API server running handler.py (`rp_api`): what a RunPod endpoint runs;
-- diffbox.http_api's app over `LocalJobs` (the Modal web endpoint's code, jobs on a Service in
+- diffbox.api.http_api's app over `LocalJobs` (the Modal web endpoint's code, jobs on a Service in
   this process), served by uvicorn on loopback.
 
 The local API server runs a /run job inside the /status request that first asks for it, so a
@@ -28,9 +28,9 @@ import requests
 import uvicorn
 from PIL import Image
 
+from diffbox.api.http_api import LocalJobs, create_app
 from diffbox.client import Client, InvalidRequest, JobCancelled, JobFailed, NotSupported, RunpodTransport
 from diffbox.config import S3Settings, Settings
-from diffbox.http_api import LocalJobs, create_app
 from diffbox.service import Service
 from diffbox.workflows import manifest
 from tests.conftest import REPO, TEST_INPUT, ComfyTarget, RunpodApi, free_port
@@ -62,7 +62,7 @@ def comfy(fake_comfyui: ComfyTarget) -> Iterator[ComfyTarget]:
 
 
 class WebApi:
-    """diffbox.http_api's app on loopback, jobs on a Service in this process."""
+    """diffbox.api.http_api's app on loopback, jobs on a Service in this process."""
 
     def __init__(self, service: Service) -> None:
         self.config = uvicorn.Config(create_app(LocalJobs(service)), host="127.0.0.1", port=free_port(),

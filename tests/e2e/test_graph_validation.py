@@ -21,7 +21,7 @@ from PIL import Image
 
 from diffbox.backends.comfyui import ComfyClient
 from diffbox.errors import JobError
-from diffbox.media import InputImage
+from diffbox.inputs.media import InputImage
 from diffbox.workflows import parse
 from diffbox.workflows.base import JobContext
 from tests.conftest import ComfyTarget

@@ -14,10 +14,10 @@ import pytest
 import requests
 
 from diffbox.config import Settings
+from diffbox.inputs.urls import UrlPolicy
 from diffbox.loras.fetch import JobLoras, LoraFetcher, fetcher_for
 from diffbox.loras.request import LoraEntry
 from diffbox.service import Service
-from diffbox.urls import UrlPolicy
 from tests.conftest import ComfyTarget
 from tests.fakes.hf_hub import serve_fake_hub
 from tests.jobkit import sampler_graph, settings

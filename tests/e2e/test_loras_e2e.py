@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from diffbox.inputs.urls import UrlPolicy
 from diffbox.service import Service
-from diffbox.urls import UrlPolicy
 from tests.conftest import ComfyTarget
 from tests.e2e import test_workflows_e2e
 from tests.fakes.hf_hub import FakeHub, serve_fake_hub

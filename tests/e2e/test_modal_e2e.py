@@ -38,9 +38,9 @@ from PIL import Image
 
 import modal_app
 from diffbox import runtime
+from diffbox.api.http_api import LocalJobs, create_app
+from diffbox.api.jobs import run_job
 from diffbox.backends import comfyui_preload
-from diffbox.http_api import LocalJobs, create_app
-from diffbox.jobs import run_job
 from tests.conftest import REPO, TEST_INPUT, ComfyTarget, RunpodApi, free_port, job_error, worker_env
 from tests.fakes.comfyui import write_comfyui_dir
 from tests.fakes.modal_stubs import FakeCall, FakeCalls, FakeDict

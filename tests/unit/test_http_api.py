@@ -1,4 +1,4 @@
-"""RunPod's HTTP API over a job runner (`diffbox.http_api`), with a stand-in service."""
+"""RunPod's HTTP API over a job runner (`diffbox.api.http_api`), with a stand-in service."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import runpod
 import uvicorn
 from fastapi.testclient import TestClient
 
-from diffbox.http_api import DEFAULT_WAIT_S, JobStatus, LocalJobs, create_app
+from diffbox.api.http_api import DEFAULT_WAIT_S, JobStatus, LocalJobs, create_app
 from diffbox.progress import Emit
 from diffbox.service import Service
 from tests.conftest import free_port

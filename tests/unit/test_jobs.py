@@ -1,4 +1,4 @@
-"""Jobs driven from synchronous code (`diffbox.jobs`), on a stand-in service."""
+"""Jobs driven from synchronous code (`diffbox.api.jobs`), on a stand-in service."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 from modal.exception import InputCancellation
 
-from diffbox.jobs import MemoryProgressStore, ProgressPublisher, run_job, stream_job
+from diffbox.api.jobs import MemoryProgressStore, ProgressPublisher, run_job, stream_job
 from diffbox.progress import Emit
 from diffbox.service import Service
 

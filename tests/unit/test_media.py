@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from diffbox.errors import JobError
-from diffbox.media import decode_image
+from diffbox.inputs.media import decode_image
 
 
 def _encoded(fmt: str = "PNG", size: tuple[int, int] = (10, 6)) -> str:

@@ -20,7 +20,7 @@ from dockerfile_parse import DockerfileParser  # type: ignore[import-untyped]
 from fastapi.testclient import TestClient
 
 import modal_app
-from diffbox.http_api import JobStatus, create_app
+from diffbox.api.http_api import JobStatus, create_app
 from tests.conftest import REPO
 from tests.fakes.modal_stubs import FakeCall, FakeCalls, FakeDict
 

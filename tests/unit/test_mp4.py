@@ -9,7 +9,7 @@ import av
 import pytest
 from PIL import Image
 
-from diffbox import mp4, outputs
+from diffbox.storage import mp4, outputs
 
 
 def _write(path: Path, frames: int, fps: int, size: tuple[int, int]) -> None:

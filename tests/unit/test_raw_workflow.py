@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from diffbox.errors import JobError
-from diffbox.media import InputImage, decode_image
+from diffbox.inputs.media import InputImage, decode_image
 from diffbox.workflows import parse
 from diffbox.workflows.base import JobContext
 from diffbox.workflows.raw import MAX_SEED, RawRequest, plan

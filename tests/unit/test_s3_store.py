@@ -1,4 +1,4 @@
-"""`diffbox.storage` and `diffbox.s3` against a real S3-compatible server (moto, on loopback)."""
+"""`diffbox.storage.stores` and `diffbox.storage.s3` against a real S3-compatible server (moto, on loopback)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import requests
 
 from diffbox.config import S3Settings
 from diffbox.errors import JobError
-from diffbox.s3 import S3Store
-from diffbox.storage import InlineStore, OutputUploads, choose_store, object_key
+from diffbox.storage.s3 import S3Store
+from diffbox.storage.stores import InlineStore, OutputUploads, choose_store, object_key
 from tests.conftest import free_port
 from tests.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from diffbox.errors import JobError
-from diffbox.media import decode_image
-from diffbox.urls import UrlPolicy, fetch, is_public
+from diffbox.inputs.media import decode_image
+from diffbox.inputs.urls import UrlPolicy, fetch, is_public
 from tests.urlserver import (
     OTHER_PUBLIC_IP,
     PUBLIC_IP,

@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image
 
-from diffbox.media import InputImage
+from diffbox.inputs.media import InputImage
 from diffbox.workflows import parse
 from diffbox.workflows.base import JobContext, Plan
 

@@ -24,9 +24,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from . import chat
-from .errors import as_text
-from .service import Service
+from .. import chat
+from ..errors import as_text
+from ..service import Service
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
 # RunPod's /runsync waits 90 s unless `?wait=` (ms) says otherwise, then answers with the

@@ -1,4 +1,4 @@
-"""`python -m diffbox serve`: RunPod's endpoint API (diffbox.http_api) on this machine, jobs
+"""`python -m diffbox serve`: RunPod's endpoint API (diffbox.api.http_api) on this machine, jobs
 run by this process's worker, so a client sees what a RunPod endpoint shows: progress in
 `/status`, `/cancel`, `/stream`. The runpod SDK's own local server (`handler.py
 --rp_serve_api`) shows no progress and cannot cancel.
@@ -11,7 +11,7 @@ import sys
 
 import uvicorn
 
-from . import runtime
+from .. import runtime
 from .http_api import LocalJobs, create_app
 
 

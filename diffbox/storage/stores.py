@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import JobError, validation
+from ..errors import JobError, validation
 from .outputs import describe
 
 

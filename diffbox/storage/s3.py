@@ -21,10 +21,10 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from . import logs
-from .config import S3Settings
-from .errors import JobError, validation
-from .media import too_large
+from .. import logs
+from ..config import S3Settings
+from ..errors import JobError, validation
+from ..inputs.media import too_large
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -19,9 +19,9 @@ import threading
 from collections.abc import Generator
 from typing import Any, Protocol
 
-from . import logs
-from .progress import Emit
-from .service import Service
+from .. import logs
+from ..progress import Emit
+from ..service import Service
 
 log = logs.get("jobs")
 # How long closing a job's events waits for the job to stop: Service.run takes up to 120 s

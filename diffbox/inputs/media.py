@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .errors import JobError, validation
+from ..errors import JobError, validation
 
 # 64 MP: far above any model's input, far below what would exhaust the worker's memory.
 MAX_PIXELS = 64_000_000

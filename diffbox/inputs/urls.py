@@ -29,8 +29,8 @@ from urllib.parse import urljoin, urlsplit
 import certifi
 import urllib3
 
-from . import logs
-from .errors import JobError, validation
+from .. import logs
+from ..errors import JobError, validation
 from .media import too_large
 
 log = logs.get("urls")
