@@ -70,6 +70,9 @@ class ProgressTracker:
         self._clips = 0
         self._run_t0: float | None = None
         self._detail: dict[str, Any] = {}
+        # The sampler node whose steps are coming in: a new one is news worth an update at once
+        # (a few quick steps would otherwise all fall inside one throttle interval, unseen).
+        self._sampling: str | None = None
 
     def set_graph(self, graph: dict[str, dict[str, Any]], node_clip: dict[str, int] | None = None,
                   clips: int = 0) -> None:
@@ -85,6 +88,7 @@ class ProgressTracker:
                 self._run_t0 = self._clock()
             self._stage = stage
             self._detail = {}
+            self._sampling = None
             self._update(fraction)
 
     def downloaded(self, done: int, total: int | None) -> None:
@@ -113,6 +117,7 @@ class ProgressTracker:
                 value, maximum = data.get("value", 0), data.get("max", 0) or 1
                 self._node_fraction[node_id] = min(value / maximum, 1.0)
                 self._detail = {**self._describe(node_id), "step": value, "steps": maximum}
+                self._sampling = node_id
             else:
                 return
             self._update(self._running_fraction())
@@ -133,7 +138,7 @@ class ProgressTracker:
     def _update(self, fraction: float) -> None:
         low, high = _BANDS[self._stage]
         self._percent = max(self._percent, low + (high - low) * fraction)
-        if not self._throttle.allow(self._stage):
+        if not self._throttle.allow((self._stage, self._sampling)):
             return
         self._seq += 1
         now = self._clock()

@@ -1,4 +1,4 @@
-"""At most one update per interval, except that a change of stage always goes out."""
+"""At most one update per interval, except that a change of key (a stage, a sampler starting) always goes out."""
 
 from __future__ import annotations
 

@@ -134,6 +134,8 @@ def test_request_chooses_prefix_and_store(s3_api: RunpodApi, bucket: str) -> Non
 def test_output_above_the_part_size_goes_in_parts(s3_api: RunpodApi, s3_server: S3Server, bucket: str) -> None:
     job = json.loads(json.dumps(TEST_INPUT["input"]))
     job["images"][0]["image"] = noise_png(1600, 1200)  # about 5.8 MB: more than one 5 MiB part
+    # 48 frames of noise at that size: seconds of h264 encoding for ComfyUI, on a fast machine too.
+    job["workflow"]["4"]["inputs"]["amount"] = 48
     body = s3_api.runsync(job)
     assert body["status"] == "COMPLETED", body
     png = next(i for i in body["output"]["images"] if i["content_type"] == "image/png")

@@ -44,9 +44,11 @@ def test_percent_is_monotonic_weighted_and_throttled() -> None:
     for step in range(1, 5):
         clock.now += 1.5
         tracker.on_message("progress", {"node": "2", "value": step, "max": 4})
-    # Several messages inside one interval give one update.
+    # Several messages inside one interval give one update...
     tracker.on_message("progress_state", {"nodes": {"2": {"state": "finished"}}})
     tracker.on_message("executing", {"node": "3"})
+    assert len(sent) == 8  # 3 stage changes + start + 4 step updates, 1.5 s apart
+    # ...but a sampler starting is news at once: its steps could all fall inside one interval.
     clock.now += 0.1
     tracker.on_message("progress", {"node": "3", "value": 1, "max": 4})
     stages = [p["stage"] for p in sent]
@@ -54,12 +56,16 @@ def test_percent_is_monotonic_weighted_and_throttled() -> None:
     assert [p["seq"] for p in sent] == list(range(1, len(sent) + 1))
     percents = [p["percent"] for p in sent]
     assert percents == sorted(percents)
-    last = sent[-1]
+    expert_done = sent[-2]
     # Loader (2) + first expert's 4 steps done of 2 + 4 + 4 + 3 + 1 = 14 units.
-    assert last["percent"] == round(5 + 90 * 6 / 14, 1)
-    assert (last["node"], last["step"], last["steps"], last["clip"], last["clips"]) == ("KSamplerAdvanced", 4, 4, 1, 1)
-    assert last["eta_s"] == round(6.0 / (6 / 14) * (8 / 14), 1)
-    assert len(sent) == 8  # 3 stage changes + start + 4 throttled step updates
+    assert expert_done["percent"] == round(5 + 90 * 6 / 14, 1)
+    assert (expert_done["node"], expert_done["step"], expert_done["steps"], expert_done["clip"],
+            expert_done["clips"]) == ("KSamplerAdvanced", 4, 4, 1, 1)
+    assert expert_done["eta_s"] == round(6.0 / (6 / 14) * (8 / 14), 1)
+    last = sent[-1]
+    assert (last["node"], last["step"], last["steps"]) == ("KSamplerAdvanced", 1, 4)
+    assert last["percent"] == round(5 + 90 * 7 / 14, 1)
+    assert len(sent) == 9
 
 
 def test_throttle_lets_stage_changes_through() -> None:
