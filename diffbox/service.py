@@ -31,6 +31,7 @@ from .config import Settings
 from .errors import JobError, backend, validation
 from .inputs import urls
 from .inputs.media import InputImage, decode_image
+from .loras import unmatched
 from .memory import release_free_memory
 from .progress import STOPPED, Emit, ProgressTracker
 from .schemas import OutputOptions
@@ -67,6 +68,7 @@ class Service:
         self.vllm = VllmServer(settings) if "vllm" in settings.backends else None
         self.s3 = _s3_store(settings)
         self.url_policy = urls.UrlPolicy(allow_private=settings.allow_private_urls)
+        self.lora_verdicts = unmatched.Verdicts()
         self._warmup_timings: dict[str, float] = {}
 
     def start(self) -> None:
@@ -177,6 +179,7 @@ class _Job:
         self.prompt_run: PromptRun | None = None
         self.abort = threading.Event()
         self.loras: JobLoras | None = None
+        self.unmatched: dict[str, tuple[int, int]] = {}  # LoRA comfy name -> (tensors unmatched, tensors)
 
     def run(self, payload: Any) -> dict[str, Any]:
         workflow, request = parse(payload)
@@ -241,7 +244,10 @@ class _Job:
         submitted = time.monotonic()
         run = self.prompt_run = PromptRun(comfy.client, comfy.supervisor, self.stop, self.deadline,
                                           self.progress.on_message, self._on_output, self.abort, comfy.sockets)
+        log_mark = unmatched.last_entry(comfy.client.log_entries()) if self.loras is not None else None
         outcome = run.run(plan.graph)
+        if self.loras is not None and outcome.status == "success":
+            self._judge_loras(comfy, plan, outcome, log_mark)
         ended = time.monotonic()
         started = outcome.started_at or ended
         self.timings["queue_s"] = round(started - submitted, 3)
@@ -265,6 +271,16 @@ class _Job:
                 raise JobError("cancelled", "job cancelled", details)
             raise backend("ComfyUI interrupted the prompt (an interrupt not sent by this job)", details)
         return outcome
+
+    def _judge_loras(self, comfy: ComfyServer, plan: Plan, outcome: Outcome, log_mark: tuple[str, str] | None) -> None:
+        """Which of the request's LoRAs ComfyUI could not fully map onto the model (a result warning)."""
+        assert self.loras is not None
+        names = [f.comfy_name for f in self.loras.files]
+        loaders = {node: names[index] for node, index in plan.lora_nodes.items()}
+        files = {name: self.settings.models_dir / "loras" / name for name in names}
+        not_loaded = unmatched.not_loaded_since(comfy.client.log_entries(), log_mark)
+        self.unmatched = self.service.lora_verdicts.judge(
+            plan.graph, loaders, files, set(plan.graph) - outcome.cached, not_loaded)
 
     def _on_output(self, node: str, output: dict[str, Any]) -> None:
         """Start storing each file as soon as ComfyUI reports it, not after the whole job."""
@@ -308,6 +324,12 @@ class _Job:
         result = {"workflow": workflow.name, **plan.settings, "outputs": stored, "timings": self.timings}
         if self.loras is not None:
             result["loras"] = [f.describe(e) for f, e in zip(self.loras.files, request.loras, strict=True)]
+            warnings = [unmatched.warning(i, f.source, *self.unmatched[f.comfy_name])
+                        for i, f in enumerate(self.loras.files)
+                        if self.unmatched.get(f.comfy_name, (0, 0))[0] > 0]
+            if warnings:
+                result["warnings"] = warnings
+                log.warning("LoRA tensors ignored", extra={"job_id": self.ctx.job_id, "warnings": len(warnings)})
         return result
 
     def _store(self, announce: bool = True) -> list[dict[str, Any]]:

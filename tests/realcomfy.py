@@ -36,14 +36,16 @@ class Install:
     comfy_dir: Path
     python: Path
     models: Path  # the tiny models (checkpoints/, vae_approx/)
+    typed_models: Path  # stand-ins for the typed workflows' weights (make_typed_models.py)
 
 
 def installed(cache: Path = CACHE) -> Install:
     """The cached install, or a failure that says how to make one."""
     install = Install(cache / "comfyui" / "ComfyUI", cache / "comfyui" / "venv" / "bin" / "python",
-                      cache / "comfyui-models")
+                      cache / "comfyui-models", cache / "comfyui-typed-models")
     if not ((install.comfy_dir / "main.py").is_file() and install.python.is_file()
-            and (install.models / "checkpoints" / TINY_CHECKPOINT).is_file()):
+            and (install.models / "checkpoints" / TINY_CHECKPOINT).is_file()
+            and (install.typed_models / ".diffbox-stamp").is_file()):
         raise RuntimeError(NOT_PREPARED.format(cache=cache))
     return install
 
@@ -56,13 +58,14 @@ def server_args(base: Path) -> list[str]:
 
 
 def prepare_folders(base: Path, install: Install, models: bool = True) -> Path:
-    """`base`'s folders, with the tiny models linked into models/ (unless `models` is false);
-    returns the model paths config."""
+    """`base`'s folders, with the tiny models and the typed workflows' stand-ins linked into
+    models/ (unless `models` is false); returns the model paths config."""
     for name in ("input", "output", "temp", "user"):
         (base / name).mkdir(parents=True, exist_ok=True)
     for name in COMFY_FOLDERS:
         (base / "models" / name).mkdir(parents=True, exist_ok=True)
-    for model in install.models.glob("*/*.safetensors") if models else ():
+    linked = [*install.models.glob("*/*.safetensors"), *install.typed_models.glob("*/*.safetensors")]
+    for model in linked if models else ():
         link = base / "models" / model.parent.name / model.name
         if not link.exists():
             link.symlink_to(model)

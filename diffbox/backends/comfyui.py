@@ -127,6 +127,16 @@ class ComfyClient:
         if response.status_code != 200 or response.content:
             raise ValueError(f"ComfyUI answered HTTP {response.status_code} to the history delete")
 
+    def log_entries(self) -> list[tuple[str, str]] | None:
+        """ComfyUI's recent log lines as (time, text) (`/internal/logs/raw`); None when it
+        serves none (an older or a remote ComfyUI without that route)."""
+        try:
+            response = self.http.get(self._url("/internal/logs/raw"), timeout=HTTP_TIMEOUT_S)
+            response.raise_for_status()
+            return [(str(e["t"]), str(e["m"])) for e in response.json()["entries"]]
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            return None
+
     def download(self, ref: FileRef, dest: Path) -> Path:
         """Stream one output file to `dest` (when ComfyUI's folders are not on this disk)."""
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}

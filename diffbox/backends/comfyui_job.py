@@ -112,6 +112,7 @@ class Outcome:
     exec_start_ms: int | None = None
     exec_end_ms: int | None = None
     started_at: float | None = None  # monotonic, when execution_start arrived
+    cached: frozenset[str] = frozenset()  # nodes whose outputs ComfyUI reused instead of running them
 
 
 class PromptRun:
@@ -148,6 +149,7 @@ class PromptRun:
         self._exec_start_ms: int | None = None
         self._exec_end_ms: int | None = None
         self._started_at: float | None = None
+        self._cached: frozenset[str] = frozenset()
         self._seen_outputs: dict[str, dict[str, Any]] = {}
         self._dropped = False  # the socket dropped once: messages may have been lost
 
@@ -230,6 +232,8 @@ class PromptRun:
         if kind == "execution_start":
             self._exec_start_ms = data.get("timestamp")
             self._started_at = time.monotonic()
+        elif kind == "execution_cached":
+            self._cached = frozenset(str(n) for n in data.get("nodes") or ())
         elif kind == "executed" and data.get("node") is not None:
             self._seen_outputs[str(data["node"])] = data.get("output") or {}
             self.on_output(str(data["node"]), data.get("output") or {})
@@ -269,6 +273,7 @@ class PromptRun:
             exec_start_ms=self._exec_start_ms,
             exec_end_ms=self._exec_end_ms,
             started_at=self._started_at,
+            cached=self._cached,
         )
 
     def _history(self, prompt_id: str, wait: bool) -> dict[str, Any] | None:
@@ -290,6 +295,8 @@ class PromptRun:
         status = entry.get("status") or {}
         messages = {m[0]: m[1] for m in status.get("messages", []) if isinstance(m, list) and len(m) == 2}
         self._exec_start_ms = self._exec_start_ms or messages.get("execution_start", {}).get("timestamp")
+        cached = messages.get("execution_cached", {}).get("nodes") or ()
+        self._cached = self._cached or frozenset(str(n) for n in cached)
         if "execution_error" in messages:
             return self._outcome(prompt_id, "error", messages["execution_error"], entry=entry)
         if "execution_interrupted" in messages:

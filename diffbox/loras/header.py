@@ -44,6 +44,21 @@ class NotALora(ValueError):
 
 def check_lora(path: Path) -> int:
     """Check the file at `path`; returns how many tensors it holds, or raises NotALora."""
+    header, length, size = _header(path)
+    end = _check_tensors(header)
+    if 8 + length + end != size:
+        raise NotALora(f"the file is {size} bytes but its header describes {8 + length + end} (truncated?)")
+    _check_names(list(header))
+    return len(header)
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The names of the tensors in a file that passed `check_lora`."""
+    return list(_header(path)[0])
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """The header's tensor entries (without `__metadata__`), its length and the file's size."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -62,11 +77,7 @@ def check_lora(path: Path) -> int:
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise NotALora("malformed safetensors header (__metadata__ must map names to strings)")
-    end = _check_tensors(header)
-    if 8 + length + end != size:
-        raise NotALora(f"the file is {size} bytes but its header describes {8 + length + end} (truncated?)")
-    _check_names(list(header))
-    return len(header)
+    return header, length, size
 
 
 def _check_tensors(header: dict[str, Any]) -> int:

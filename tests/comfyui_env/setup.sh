@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the real ComfyUI (with its custom nodes) that the tests' real leg runs, plus tiny
-# random-weight models for it, into a cache:
+# random-weight models for it and stand-ins for the typed workflows' weights, into a cache:
 #
 #   bash tests/comfyui_env/setup.sh [CACHE_DIR]
 #
@@ -47,5 +47,21 @@ else
     rm -rf "$MODELS"
     "$PY" "$HERE/make_tiny_models.py" "$DEST/ComfyUI" "$MODELS" || die "make_tiny_models.py failed"
     echo "$want" >"$STAMP"
+fi
+
+# Stand-ins for every file the typed workflows' presets name (full-size text encoders and VAE,
+# tiny diffusion models, LoRAs): about 15 GB, made once.
+TYPED="$CACHE_DIR/comfyui-typed-models"
+TYPED_STAMP="$TYPED/.diffbox-stamp"
+want="$(cat "$HERE/make_typed_models.py" "$REPO/workflows/models.json" "$DEST/venv/.diffbox-deps.json" | sha256sum | cut -c1-16)"
+if [[ -f "$TYPED_STAMP" && "$(cat "$TYPED_STAMP")" == "$want" ]]; then
+    log "typed-workflow models up to date in $TYPED"
+else
+    log "making the typed workflows' random-weight models in $TYPED (a few minutes, about 15 GB)"
+    rm -rf "$TYPED"
+    mkdir -p "$TYPED"
+    "$PY" "$HERE/make_typed_models.py" "$DEST/ComfyUI" "$TYPED" "$REPO/workflows/models.json" >&2 \
+        || die "make_typed_models.py failed"
+    echo "$want" >"$TYPED_STAMP"
 fi
 echo "$PY"

@@ -3,8 +3,9 @@
 Runs against the fake ComfyUI, and in the real leg (`--comfyui=real`) against a real one with
 KJNodes: there it checks our node classes, input names, types, ranges
 and options (KJNodes' `WanImageToVideoSVIPro` and `ImageBatchExtendWithOverlap` included)
-against the node schemas themselves. No weights are installed, so every model file is refused
-as `value_not_in_list` and nothing runs; each loader must be refused for that alone.
+against the node schemas themselves. No weights are installed (the module starts a ComfyUI of
+its own), so every model file is refused as `value_not_in_list` and nothing runs; each loader
+must be refused for that alone.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from diffbox.errors import JobError
 from diffbox.inputs.media import InputImage
 from diffbox.workflows import parse
 from diffbox.workflows.base import JobContext
-from tests.conftest import ComfyTarget
+from tests.conftest import ComfyTarget, free_port
 from tests.fakes.comfyui import start_fake_comfyui
 from tests.unit.workflow_cases import CASES
 
@@ -60,14 +61,21 @@ def _expected_refusal(comfyui: ComfyTarget, node: dict[str, Any], error: dict[st
 
 @pytest.fixture(scope="module")
 def comfyui(comfyui: ComfyTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyTarget]:
-    """The real ComfyUI under test; in place of the session's fake (where other tests install
-    stand-in weights), a fake of our own with none."""
-    if not comfyui.is_fake:
+    """A ComfyUI of our own with no weights, in place of the session's (where the typed
+    workflows' stand-in weights are installed, and a valid graph would run): a fake in the
+    fake leg, a second real one in the real leg."""
+    base_dir = tmp_path_factory.mktemp("comfyui-no-weights")
+    if comfyui.is_fake:
+        with start_fake_comfyui(base_dir) as fake:
+            yield ComfyTarget(fake.url, base_dir, is_fake=True)
+        return
+    if comfyui.base_dir is None:  # DIFFBOX_TEST_COMFYUI_URL: a server of someone else's
         yield comfyui
         return
-    base_dir = tmp_path_factory.mktemp("comfyui-no-weights")
-    with start_fake_comfyui(base_dir) as fake:
-        yield ComfyTarget(fake.url, base_dir, is_fake=True)
+    from tests.realcomfy import installed, start_real_comfyui
+
+    with start_real_comfyui(installed(), base_dir, free_port(), models=False) as real:
+        yield ComfyTarget(real.url, base_dir, is_fake=False)
 
 
 @pytest.mark.parametrize(("case", "payload"), CASES, ids=[c for c, _ in CASES])
