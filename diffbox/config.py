@@ -44,10 +44,12 @@ def _default_models_dir() -> Path:
 
 
 def setting(default: Any = PydanticUndefined, *, env: str, description: str, shown: str | None = None,
-            split: Split = "csv", also: tuple[str, ...] = (), **constraints: Any) -> Any:
+            split: Split = "csv", also: tuple[str, ...] = (), local: bool = False, **constraints: Any) -> Any:
     """A field read from the variable `env` (or, when it is unset, from those in `also`).
-    `shown` is the default as the docs say it, where the value itself depends on the machine."""
-    extra: dict[str, Any] = {"env": env, "split": split, "also": list(also)}
+    `shown` is the default as the docs say it, where the value itself depends on the machine;
+    `local`: a path or server of the machine the worker runs on, which an image sets itself
+    (RunPod's Hub listing leaves it out)."""
+    extra: dict[str, Any] = {"env": env, "split": split, "also": list(also), "local": local}
     if shown is not None:
         extra["shown"] = shown
     return Field(default, description=description, json_schema_extra=extra, **constraints)
@@ -121,22 +123,24 @@ class Settings(BaseModel):
         None, env="DIFFBOX_RAW_NODE_ALLOWLIST", description="comma-separated node classes a raw graph may use")
 
     comfyui_dir: Path | None = setting(
-        None, env="DIFFBOX_COMFYUI_DIR",
+        None, env="DIFFBOX_COMFYUI_DIR", local=True,
         description="a ComfyUI install the worker starts (`python main.py` there); with `DIFFBOX_COMFYUI_URL`, "
                     "where that server's folders are")
-    comfyui_url: str | None = setting(None, env="DIFFBOX_COMFYUI_URL",
+    comfyui_url: str | None = setting(None, env="DIFFBOX_COMFYUI_URL", local=True,
                                       description="attach to a running ComfyUI instead of starting one")
-    comfyui_python: str = setting(sys.executable, env="DIFFBOX_COMFYUI_PYTHON", shown="this Python",
+    comfyui_python: str = setting(sys.executable, env="DIFFBOX_COMFYUI_PYTHON", local=True, shown="this Python",
                                   description="the Python that runs ComfyUI (its own venv)")
-    comfyui_port: int = setting(8188, env="DIFFBOX_COMFYUI_PORT", description="loopback port of the started ComfyUI")
+    comfyui_port: int = setting(8188, env="DIFFBOX_COMFYUI_PORT", local=True,
+                                description="loopback port of the started ComfyUI")
     comfyui_args: list[str] = setting(
         [], env="DIFFBOX_COMFYUI_ARGS", split="shell",
         description="extra ComfyUI flags, shell-quoted (e.g. `--cpu`, `--highvram`)")
 
-    vllm_url: str | None = setting(None, env="DIFFBOX_VLLM_URL",
+    vllm_url: str | None = setting(None, env="DIFFBOX_VLLM_URL", local=True,
                                    description="attach to a running vLLM OpenAI server instead of starting one")
     vllm_command: list[str] = setting(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server"], env="DIFFBOX_VLLM_COMMAND", split="shell",
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server"], env="DIFFBOX_VLLM_COMMAND", local=True,
+        split="shell",
         shown="this Python `-m vllm.entrypoints.openai.api_server`",
         description="the command that starts vLLM's OpenAI server, shell-quoted; name vLLM's own environment "
                     "(`/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server`)")
@@ -146,7 +150,7 @@ class Settings(BaseModel):
                     "with `vllm` in `DIFFBOX_BACKENDS` unless `DIFFBOX_VLLM_URL` is set")
     vllm_revision: str | None = setting(None, env="DIFFBOX_VLLM_REVISION",
                                         description="the Hugging Face revision of that id (`--revision`)")
-    vllm_port: int = setting(8000, env="DIFFBOX_VLLM_PORT", description="loopback port of the started vLLM")
+    vllm_port: int = setting(8000, env="DIFFBOX_VLLM_PORT", local=True, description="loopback port of the started vLLM")
     vllm_gpu_memory_utilization: float = setting(
         0.9, env="DIFFBOX_VLLM_GPU_MEMORY_UTILIZATION",
         description="share of the GPU vLLM reserves up front; lower it where ComfyUI shares the card")
@@ -180,7 +184,7 @@ class Settings(BaseModel):
         env="DIFFBOX_MODELS_DIR", default_factory=_default_models_dir,
         shown="`/runpod-volume/models` if that volume is mounted, else `/models`",
         description="model weights, in ComfyUI's folder layout")
-    work_dir: Path = setting(Path("/tmp/diffbox"), env="DIFFBOX_WORK_DIR",
+    work_dir: Path = setting(Path("/tmp/diffbox"), env="DIFFBOX_WORK_DIR", local=True,
                              description="per-job temporary files, removed when the job ends")
     warmup: list[str] = setting(
         [], env="DIFFBOX_WARMUP",
