@@ -67,8 +67,11 @@ def _title(field_name: str, model: type[BaseModel]) -> str:
 def _input(name: str, field: FieldInfo, model: type[BaseModel]) -> dict[str, Any]:
     spec = env_of(field)
     value = None if "shown" in spec or field.is_required() else field.get_default(call_default_factory=False)
+    # A number without a default is offered as text: an empty field leaves it unset.
     numbers = (int, float, int | None, float | None)
     kind = "boolean" if field.annotation is bool else "number" if field.annotation in numbers else "string"
+    if kind == "number" and value is None:
+        kind = "string"
     if isinstance(value, list):
         value = shlex.join(value) if spec["split"] == "shell" else ",".join(value)
     if isinstance(value, float) and value.is_integer():
