@@ -13,7 +13,7 @@ import shlex
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
@@ -209,7 +209,7 @@ class Settings(BaseModel):
         None, env="CIVITAI_TOKEN", repr=False,
         description="CivitAI API token for LoRAs that need one (sent to `civitai.com` hosts only)")
     # Read by logs.setup before anything else (they are here to be validated and documented).
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = setting(
+    log_level: Literal["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"] = setting(
         "INFO", env=logs.LEVEL_VAR, description="`DEBUG` also echoes the backends' own output")
     log_format: Literal["auto", "human", "json"] = setting(
         "auto", env=logs.FORMAT_VAR,
@@ -257,7 +257,7 @@ def _read(model: type[BaseModel], get: Callable[[str], str | None]) -> dict[str,
             continue
         if field.annotation is bool:
             values[name] = flag(raw, bool(field.default))
-        elif str(field.annotation).startswith("list") or "list[" in str(field.annotation):
+        elif list in (get_origin(field.annotation), *map(get_origin, get_args(field.annotation))):
             if parts := (shlex.split(raw) if spec["split"] == "shell" else _csv(raw)):
                 values[name] = parts
         else:
