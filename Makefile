@@ -4,7 +4,7 @@
 UV_VERSION := 0.13.8
 export DIFFBOX_TEST_CACHE ?= $(HOME)/.cache/diffbox-test
 
-.PHONY: setup run test lint vllm-env comfyui-env
+.PHONY: setup run test lint docs vllm-env comfyui-env
 
 setup:
 	@command -v uv >/dev/null 2>&1 && uv --version | grep -q "$(UV_VERSION)" || python3 -m pip install -q "uv==$(UV_VERSION)"
@@ -31,6 +31,10 @@ vllm-env:
 # The real ComfyUI of the tests' real leg: from GitHub, or from DIFFBOX_COMFYUI_SOURCE (local archives).
 comfyui-env: setup
 	bash tests/comfyui_env/setup.sh "$(DIFFBOX_TEST_CACHE)"
+
+# The docs written from the code (configuration tables, API fields, .runpod/ Hub files).
+docs: setup
+	uv run python -m diffbox.docgen
 
 lint: setup
 	uv run ruff check .

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# The worker's log lines that mark the phases (diffbox.logs writes one JSON object a line).
+# The worker's log lines that mark the phases (diffbox.logs writes one JSON object a line where no
+# terminal is attached, as here: stderr is a pipe).
 MARKS = {"backend started": "launched", "backend ready": "ready", "job done": "done"}
 
 

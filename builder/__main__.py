@@ -1,4 +1,4 @@
-"""`python -m builder plan|download|verify|paths|comfyui`: see README.md ("Weights")."""
+"""`python -m builder plan|download|verify|paths|comfyui`: see docs/weights.md."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .client import cli as client_cli
+from .client import exits
 from .errors import JobError
 from .inputs.media import InputImage, decode_image
 from .workflows import CHAT_DROP_IN, NAMED, RAW, parse
@@ -35,6 +37,8 @@ class Command:
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    # Command lines shown under the help, each a `diffbox ...` line (a test parses them), with a comment.
+    examples: tuple[str, ...] = ()
 
 
 def _workflows() -> dict[str, type[BaseModel]]:
@@ -106,25 +110,69 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Command] = {
-    "schema": Command("print the JSON Schema of a job's input", _schema_arguments, _schema),
-    "graph": Command("print the ComfyUI graph a request becomes, without running it", _graph_arguments, _graph),
+    "schema": Command("print the JSON Schema of a job's input", _schema_arguments, _schema, (
+        "diffbox schema                 # every request, as one schema",
+        "diffbox schema i2v             # the fields a workflow takes",
+    )),
+    "graph": Command("print the ComfyUI graph a request becomes, without running it", _graph_arguments, _graph, (
+        "diffbox graph i2v '{\"image\": \"cat.png\", \"prompt\": \"the cat walks\"}'",
+        "diffbox graph qwen_edit - < request.json   # the request from stdin",
+    )),
     "run": Command("run a job on an endpoint with live progress, and save its outputs",
-                   client_cli.run_arguments, client_cli.run),
-    "chat": Command("chat with an endpoint's model, the answer streamed", client_cli.chat_arguments, client_cli.chat),
+                   client_cli.run_arguments, client_cli.run, (
+        "diffbox run i2v --image cat.jpg --prompt \"the cat walks to the window\" --preset fast --out ./out",
+        "diffbox run qwen_edit --image room.png --image lamp.png --prompt \"put the lamp on the table\"",
+        "diffbox run svi --image cat.jpg --prompt walks --prompt turns --prompt \"sits down\" --frames 81",
+        "diffbox run i2v --image cat.jpg --prompt jumps --lora hf://ORG/REPO/motion.safetensors:0.8:high",
+        "diffbox run --input test_input.json --out ./out   # a whole request: a RunPod body, a request or a graph",
+        "diffbox run i2v --input base.json --set seed=7 --set output.store=inline   # any field",
+        "diffbox run --endpoint local --input test_input.json   # a worker in this process (make run)",
+    )),
+    "chat": Command("chat with an endpoint's model, the answer streamed", client_cli.chat_arguments, client_cli.chat, (
+        "diffbox chat \"a prompt for a video of a cat at a window\" --preset i2v_prompt",
+        "diffbox chat --messages conversation.json --no-stream --json",
+    )),
     "serve": Command("serve RunPod's endpoint API (/run, /runsync, /status, /stream, /cancel) with jobs run "
                      "by a worker in this process, configured by the DIFFBOX_* settings (DIFFBOX_API_KEY: "
-                     "the key callers must send)", _serve_arguments, _serve),
+                     "the key callers must send)", _serve_arguments, _serve, (
+        "diffbox serve --port 8000      # with DIFFBOX_COMFYUI_DIR or DIFFBOX_COMFYUI_URL set",
+        "diffbox run --endpoint http://127.0.0.1:8000 --input test_input.json   # then, from another terminal",
+    )),
 }
+
+# Under `diffbox --help`: what README.md's "One request" and docs/calling.md say in brief.
+EPILOG = """endpoints (--endpoint or DIFFBOX_ENDPOINT):
+  abc123, runpod:abc123        a RunPod endpoint id (key: RUNPOD_API_KEY)
+  https://...                  any URL with RunPod's API: the Modal web endpoint, `diffbox serve`
+                               (key: DIFFBOX_API_KEY, else RUNPOD_API_KEY)
+  modal:diffbox/Worker         a Modal deployment, through Modal's client
+  local                        a worker in this process, from the DIFFBOX_* settings
+
+{exits}
+
+`diffbox COMMAND --help` shows each command's options and examples; docs/calling.md has more.""".format(
+    exits=textwrap.fill("exit status of run and chat: " + (exits.__doc__ or "").split("\n\n")[1], width=96))
+
+
+def _examples(lines: tuple[str, ...]) -> str | None:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines) if lines else None
+
+
+def build_parser(prog: str = "diffbox") -> argparse.ArgumentParser:
+    layout = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0] if __doc__ else None,
+                                     epilog=EPILOG, formatter_class=layout)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        command.arguments(commands.add_parser(name, help=command.help, description=command.help,
+                                              epilog=_examples(command.examples), formatter_class=layout))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     # The console script says `diffbox`; `python -m diffbox` says what it is.
     prog = "diffbox" if Path(sys.argv[0]).name == "diffbox" else "python -m diffbox"
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0] if __doc__ else None)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, command in COMMANDS.items():
-        command.arguments(commands.add_parser(name, help=command.help, description=command.help))
-    args = parser.parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     return COMMANDS[args.command].run(args)
 
 

@@ -1,7 +1,8 @@
 """Settings from the environment, read once at cold start.
 
-Every variable is documented in README.md ("Configuration"); the names here are the
-single source of truth for that table.
+Each setting names its environment variable and says what it does here; the configuration
+page (docs/configuration.md) and RunPod's Hub listing (.runpod/hub.json) are written from
+these fields by `python -m diffbox docs`, and a test fails when they differ.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import shlex
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from . import logs
 
 Backend = Literal["comfyui", "vllm"]
 NAMED_WORKFLOWS = ("i2v", "svi", "qwen_edit", "chat")
+# How a list setting is written in its variable: comma-separated, or shell-quoted words.
+Split = Literal["csv", "shell"]
 
 
 def flag(value: str | None, default: bool) -> bool:
@@ -36,66 +43,178 @@ def _default_models_dir() -> Path:
     return volume / "models" if volume.is_dir() else Path("/models")
 
 
+def setting(default: Any = PydanticUndefined, *, env: str, description: str, shown: str | None = None,
+            split: Split = "csv", also: tuple[str, ...] = (), local: bool = False, **constraints: Any) -> Any:
+    """A field read from the variable `env` (or, when it is unset, from those in `also`).
+    `shown` is the default as the docs say it, where the value itself depends on the machine;
+    `local`: a path or server of the machine the worker runs on, which an image sets itself
+    (RunPod's Hub listing leaves it out)."""
+    extra: dict[str, Any] = {"env": env, "split": split, "also": list(also), "local": local}
+    if shown is not None:
+        extra["shown"] = shown
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
+
+def env_of(field: FieldInfo) -> dict[str, Any]:
+    """A setting's `env`, `split`, `also` and `shown`, as `setting` recorded them."""
+    extra = field.json_schema_extra
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
 class S3Settings(BaseModel):
-    bucket: str = Field(min_length=3, max_length=63)
-    endpoint_url: str | None = None
-    region: str | None = None
+    bucket: str = setting(
+        env="DIFFBOX_S3_BUCKET", also=("BUCKET_NAME",), min_length=3, max_length=63,
+        description="the bucket; setting it (or a `BUCKET_ENDPOINT_URL` naming one) turns S3 on")
+    endpoint_url: str | None = setting(
+        None, env="DIFFBOX_S3_ENDPOINT_URL", also=("BUCKET_ENDPOINT_URL",), shown="AWS",
+        description="an S3-compatible endpoint (`https://<account>.r2.cloudflarestorage.com`, `http://minio:9000`); "
+                    "a virtual-hosted one names the bucket in its host")
+    region: str | None = setting(
+        None, env="DIFFBOX_S3_REGION", also=("AWS_REGION", "AWS_DEFAULT_REGION"),
+        shown="the endpoint's, else `AWS_REGION`", description="signing region (`auto` for R2)")
     # None leaves credentials to boto3's own chain (AWS_PROFILE, instance and task roles).
-    access_key_id: str | None = None
-    secret_access_key: str | None = Field(default=None, repr=False)
-    session_token: str | None = Field(default=None, repr=False)
-    prefix: str = ""
+    access_key_id: str | None = setting(
+        None, env="AWS_ACCESS_KEY_ID", also=("BUCKET_ACCESS_KEY_ID",), shown="boto3's chain",
+        description="access key id (a profile or an instance role works too)")
+    secret_access_key: str | None = setting(
+        None, env="AWS_SECRET_ACCESS_KEY", also=("BUCKET_SECRET_ACCESS_KEY",), shown="boto3's chain", repr=False,
+        description="the secret of that key id (never logged)")
+    session_token: str | None = setting(
+        None, env="AWS_SESSION_TOKEN", shown="boto3's chain", repr=False,
+        description="session token of temporary credentials")
+    prefix: str = setting(
+        "", env="DIFFBOX_S3_PREFIX", also=("BUCKET_PREFIX",),
+        description="key prefix; a request's `output.prefix` replaces it")
     # SigV4 presigned URLs cannot live longer than 7 days.
-    url_ttl_s: int = Field(default=7 * 24 * 3600, ge=1, le=7 * 24 * 3600)
+    url_ttl_s: int = setting(
+        7 * 24 * 3600, env="DIFFBOX_S3_URL_TTL_S", ge=1, le=7 * 24 * 3600,
+        description="presigned URLs' lifetime (7 days, the most S3 allows)")
     # S3's part limits (5 MiB to 5 GiB); memory held by uploads is about part size x concurrency.
-    part_size_mb: int = Field(default=16, ge=5, le=5120)
+    part_size_mb: int = setting(16, env="DIFFBOX_S3_PART_SIZE_MB", ge=5, le=5120,
+                                description="multipart part size (5 at least)")
     # Files up to this size go in one streamed PUT: one request instead of three or more (the
     # memory is the same, read from disk as it is sent); rclone's cutoff is 200 MiB.
-    multipart_threshold_mb: int = Field(default=64, ge=5, le=5120)
-    max_concurrency: int = Field(default=4, ge=1, le=64)
-    retry_mode: Literal["standard", "adaptive"] = "standard"
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=60.0, gt=0)
+    multipart_threshold_mb: int = setting(
+        64, env="DIFFBOX_S3_MULTIPART_THRESHOLD_MB", ge=5, le=5120,
+        description="files up to this size go in one streamed request (5 at least), larger ones in parts")
+    max_concurrency: int = setting(4, env="DIFFBOX_S3_CONCURRENCY", ge=1, le=64,
+                                   description="parts in flight, all jobs of the worker together")
+    retry_mode: Literal["standard", "adaptive"] = setting(
+        "standard", env="DIFFBOX_S3_RETRY_MODE",
+        description="botocore's retry mode for transient errors: `standard` or `adaptive`")
+    max_attempts: int = setting(3, env="DIFFBOX_S3_MAX_ATTEMPTS", ge=1, le=20,
+                                description="attempts per request, the first included")
+    connect_timeout_s: float = setting(5.0, env="DIFFBOX_S3_CONNECT_TIMEOUT_S", gt=0,
+                                       description="so an unreachable store fails a job in seconds")
+    read_timeout_s: float = setting(
+        60.0, env="DIFFBOX_S3_READ_TIMEOUT_S", gt=0,
+        description="a completing multipart upload of a large file can be slow to answer")
 
 
 class Settings(BaseModel):
-    backends: list[Backend] = ["comfyui"]
-    workflows: list[str] | None = None
-    allow_raw_workflows: bool = True
-    raw_node_allowlist: list[str] | None = None
+    backends: list[Backend] = setting(
+        ["comfyui"], env="DIFFBOX_BACKENDS",
+        description="backends to start at cold start, comma-separated: `comfyui`, `vllm`")
+    workflows: list[str] | None = setting(
+        None, env="DIFFBOX_WORKFLOWS", shown="all",
+        description="workflows this endpoint serves (`i2v,svi,qwen_edit,chat`); others are refused")
+    allow_raw_workflows: bool = setting(True, env="DIFFBOX_ALLOW_RAW_WORKFLOWS", description="`0` refuses raw graphs")
+    raw_node_allowlist: list[str] | None = setting(
+        None, env="DIFFBOX_RAW_NODE_ALLOWLIST", description="comma-separated node classes a raw graph may use")
 
-    comfyui_dir: Path | None = None
-    comfyui_url: str | None = None
-    comfyui_python: str = sys.executable
-    comfyui_port: int = 8188
-    comfyui_args: list[str] = []
+    comfyui_dir: Path | None = setting(
+        None, env="DIFFBOX_COMFYUI_DIR", local=True,
+        description="a ComfyUI install the worker starts (`python main.py` there); with `DIFFBOX_COMFYUI_URL`, "
+                    "where that server's folders are")
+    comfyui_url: str | None = setting(None, env="DIFFBOX_COMFYUI_URL", local=True,
+                                      description="attach to a running ComfyUI instead of starting one")
+    comfyui_python: str = setting(sys.executable, env="DIFFBOX_COMFYUI_PYTHON", local=True, shown="this Python",
+                                  description="the Python that runs ComfyUI (its own venv)")
+    comfyui_port: int = setting(8188, env="DIFFBOX_COMFYUI_PORT", local=True,
+                                description="loopback port of the started ComfyUI")
+    comfyui_args: list[str] = setting(
+        [], env="DIFFBOX_COMFYUI_ARGS", split="shell",
+        description="extra ComfyUI flags, shell-quoted (e.g. `--cpu`, `--highvram`)")
 
-    vllm_url: str | None = None
-    vllm_command: list[str] = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    vllm_model: str | None = None
-    vllm_revision: str | None = None
-    vllm_port: int = 8000
-    vllm_gpu_memory_utilization: float = 0.9
-    vllm_max_model_len: int | None = None
-    vllm_args: list[str] = []
-    concurrency: int = Field(default=1, ge=1)
+    vllm_url: str | None = setting(None, env="DIFFBOX_VLLM_URL", local=True,
+                                   description="attach to a running vLLM OpenAI server instead of starting one")
+    vllm_command: list[str] = setting(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server"], env="DIFFBOX_VLLM_COMMAND", local=True,
+        split="shell",
+        shown="this Python `-m vllm.entrypoints.openai.api_server`",
+        description="the command that starts vLLM's OpenAI server, shell-quoted; name vLLM's own environment "
+                    "(`/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server`)")
+    vllm_model: str | None = setting(
+        None, env="DIFFBOX_VLLM_MODEL",
+        description="the model vLLM serves: a local path (e.g. `/models/llm/ORG/NAME`) or a Hugging Face id; needed "
+                    "with `vllm` in `DIFFBOX_BACKENDS` unless `DIFFBOX_VLLM_URL` is set")
+    vllm_revision: str | None = setting(None, env="DIFFBOX_VLLM_REVISION",
+                                        description="the Hugging Face revision of that id (`--revision`)")
+    vllm_port: int = setting(8000, env="DIFFBOX_VLLM_PORT", local=True, description="loopback port of the started vLLM")
+    vllm_gpu_memory_utilization: float = setting(
+        0.9, env="DIFFBOX_VLLM_GPU_MEMORY_UTILIZATION",
+        description="share of the GPU vLLM reserves up front; lower it where ComfyUI shares the card")
+    vllm_max_model_len: int | None = setting(
+        None, env="DIFFBOX_VLLM_MAX_MODEL_LEN", shown="the model's",
+        description="context length (`--max-model-len`); a shorter one needs less KV cache")
+    vllm_args: list[str] = setting(
+        [], env="DIFFBOX_VLLM_ARGS", split="shell",
+        description="extra vLLM flags, shell-quoted (e.g. `--served-model-name dolphin --enforce-eager`); they win "
+                    "over the ones above")
+    concurrency: int = setting(
+        1, env="DIFFBOX_CONCURRENCY", ge=1,
+        description="jobs a worker takes at once where only vLLM runs (it batches them); an endpoint with ComfyUI "
+                    "takes one")
 
-    startup_timeout_s: float = 900.0
-    job_timeout_s: float = 3600.0
-    max_input_mb: float = 25.0
-    max_inline_mb: float = 15.0
-    allow_private_urls: bool = False
-    models_dir: Path = Field(default_factory=_default_models_dir)
-    work_dir: Path = Path("/tmp/diffbox")
-    warmup: list[str] = []
+    startup_timeout_s: float = setting(
+        900.0, env="DIFFBOX_STARTUP_TIMEOUT_S",
+        description="how long a job waits for a backend to become ready (a started backend that stops answering "
+                    "for 60 s is restarted first)")
+    job_timeout_s: float = setting(3600.0, env="DIFFBOX_JOB_TIMEOUT_S",
+                                   description="a job running longer is interrupted: `type: \"timeout\"`")
+    max_input_mb: float = setting(25.0, env="DIFFBOX_MAX_INPUT_MB",
+                                  description="size limit of each input image, checked before decoding")
+    max_inline_mb: float = setting(15.0, env="DIFFBOX_MAX_INLINE_MB",
+                                   description="total size of inline (base64) outputs; above it, configure S3")
+    allow_private_urls: bool = setting(
+        False, env="DIFFBOX_ALLOW_PRIVATE_URLS",
+        description="`1` lets image URLs use `http://` and private, loopback and link-local addresses: only on a "
+                    "trusted network (see SECURITY.md)")
+    models_dir: Path = setting(
+        env="DIFFBOX_MODELS_DIR", default_factory=_default_models_dir,
+        shown="`/runpod-volume/models` if that volume is mounted, else `/models`",
+        description="model weights, in ComfyUI's folder layout")
+    work_dir: Path = setting(Path("/tmp/diffbox"), env="DIFFBOX_WORK_DIR", local=True,
+                             description="per-job temporary files, removed when the job ends")
+    warmup: list[str] = setting(
+        [], env="DIFFBOX_WARMUP",
+        description="requests run at cold start before the first job, comma-separated `workflow[:preset][:model]` "
+                    "(e.g. `i2v:fast,qwen_edit:fast:2511`), so the first user does not pay for loading weights; the "
+                    "time is logged and reported as `timings.warmup_s` of the first result")
+    # Read by _s3_from_env from the variables of S3Settings' fields.
     s3: S3Settings | None = None
     # LoRAs requests bring (diffbox/loras): the cache's budget and one file's size cap.
-    lora_cache_gb: float = Field(default=50.0, ge=0)
-    max_lora_mb: float = Field(default=2048.0, gt=0)
-    hf_endpoint: str = "https://huggingface.co"
-    hf_token: str | None = Field(default=None, repr=False)
-    civitai_token: str | None = Field(default=None, repr=False)
+    lora_cache_gb: float = setting(
+        50.0, env="DIFFBOX_LORA_CACHE_GB", ge=0,
+        description="disk budget of the LoRA cache; least recently used files beyond it are removed, never one a "
+                    "running job uses")
+    max_lora_mb: float = setting(2048.0, env="DIFFBOX_MAX_LORA_MB", gt=0,
+                                 description="size limit of one LoRA file, enforced while it downloads")
+    hf_endpoint: str = setting("https://huggingface.co", env="HF_ENDPOINT",
+                               description="the Hub `hf://` LoRAs come from (a mirror)")
+    hf_token: str | None = setting(
+        None, env="HF_TOKEN", repr=False,
+        description="Hugging Face token for `hf://` LoRAs in gated or private repos (sent to the Hub only)")
+    civitai_token: str | None = setting(
+        None, env="CIVITAI_TOKEN", repr=False,
+        description="CivitAI API token for LoRAs that need one (sent to `civitai.com` hosts only)")
+    # Read by logs.setup before anything else (they are here to be validated and documented).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"] = setting(
+        "INFO", env=logs.LEVEL_VAR, description="`DEBUG` also echoes the backends' own output")
+    log_format: Literal["auto", "human", "json"] = setting(
+        "auto", env=logs.FORMAT_VAR,
+        description="`human`: short lines (time, level, message, a few fields); `json`: one JSON object per line; "
+                    "`auto`: human on a terminal, JSON elsewhere (RunPod, Modal, CI)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -105,51 +224,9 @@ class Settings(BaseModel):
             value = env.get(name)
             return value if value not in (None, "") else None
 
-        values: dict[str, object] = {}
-        if backends := _csv(get("DIFFBOX_BACKENDS")):
-            values["backends"] = backends
-        if workflows := _csv(get("DIFFBOX_WORKFLOWS")):
-            values["workflows"] = workflows
-        values["allow_raw_workflows"] = flag(get("DIFFBOX_ALLOW_RAW_WORKFLOWS"), True)
-        if allow := _csv(get("DIFFBOX_RAW_NODE_ALLOWLIST")):
-            values["raw_node_allowlist"] = allow
-        values["allow_private_urls"] = flag(get("DIFFBOX_ALLOW_PRIVATE_URLS"), False)
-        simple = {
-            "comfyui_dir": "DIFFBOX_COMFYUI_DIR",
-            "comfyui_url": "DIFFBOX_COMFYUI_URL",
-            "comfyui_python": "DIFFBOX_COMFYUI_PYTHON",
-            "comfyui_port": "DIFFBOX_COMFYUI_PORT",
-            "vllm_url": "DIFFBOX_VLLM_URL",
-            "vllm_model": "DIFFBOX_VLLM_MODEL",
-            "vllm_revision": "DIFFBOX_VLLM_REVISION",
-            "vllm_port": "DIFFBOX_VLLM_PORT",
-            "vllm_gpu_memory_utilization": "DIFFBOX_VLLM_GPU_MEMORY_UTILIZATION",
-            "vllm_max_model_len": "DIFFBOX_VLLM_MAX_MODEL_LEN",
-            "concurrency": "DIFFBOX_CONCURRENCY",
-            "startup_timeout_s": "DIFFBOX_STARTUP_TIMEOUT_S",
-            "job_timeout_s": "DIFFBOX_JOB_TIMEOUT_S",
-            "max_input_mb": "DIFFBOX_MAX_INPUT_MB",
-            "max_inline_mb": "DIFFBOX_MAX_INLINE_MB",
-            "models_dir": "DIFFBOX_MODELS_DIR",
-            "work_dir": "DIFFBOX_WORK_DIR",
-            "lora_cache_gb": "DIFFBOX_LORA_CACHE_GB",
-            "max_lora_mb": "DIFFBOX_MAX_LORA_MB",
-            "hf_endpoint": "HF_ENDPOINT",
-            "hf_token": "HF_TOKEN",
-            "civitai_token": "CIVITAI_TOKEN",
-        }
-        for field, name in simple.items():
-            if (value := get(name)) is not None:
-                values[field] = value
-        for field, name in {
-            "comfyui_args": "DIFFBOX_COMFYUI_ARGS",
-            "vllm_args": "DIFFBOX_VLLM_ARGS",
-            "vllm_command": "DIFFBOX_VLLM_COMMAND",
-        }.items():
-            if (value := get(name)) is not None:
-                values[field] = shlex.split(value)
-        if warmup := _csv(get("DIFFBOX_WARMUP")):
-            values["warmup"] = warmup
+        values = _read(cls, get)
+        if "log_level" in values:
+            values["log_level"] = str(values["log_level"]).upper()
         values["s3"] = _s3_from_env(get)
         return cls.model_validate(values)
 
@@ -170,12 +247,35 @@ class Settings(BaseModel):
         return 1 if "comfyui" in self.backends else self.concurrency
 
 
+def _read(model: type[BaseModel], get: Callable[[str], str | None]) -> dict[str, object]:
+    """The values of `model`'s settings whose variable is set: flags as flags, lists split as
+    their setting says; the rest is left to the model's own validation."""
+    values: dict[str, object] = {}
+    for name, field in model.model_fields.items():
+        spec = env_of(field)
+        if "env" not in spec or (raw := get(spec["env"])) is None:
+            continue
+        if field.annotation is bool:
+            values[name] = flag(raw, bool(field.default))
+        elif list in (get_origin(field.annotation), *map(get_origin, get_args(field.annotation))):
+            if parts := (shlex.split(raw) if spec["split"] == "shell" else _csv(raw)):
+                values[name] = parts
+        else:
+            values[name] = raw
+    return values
+
+
+def _names(field: str) -> list[str]:
+    """The variables an S3 setting is read from, in order."""
+    spec = env_of(S3Settings.model_fields[field])
+    return [spec["env"], *spec["also"]]
+
+
 def _s3_from_env(get: Callable[[str], str | None]) -> S3Settings | None:
     # RunPod's official worker names (BUCKET_*) are accepted so its users keep their settings.
-    bucket = get("DIFFBOX_S3_BUCKET") or get("BUCKET_NAME")
-    bucket_var = "DIFFBOX_S3_BUCKET" if get("DIFFBOX_S3_BUCKET") else "BUCKET_NAME"
-    endpoint_var = "DIFFBOX_S3_ENDPOINT_URL" if get("DIFFBOX_S3_ENDPOINT_URL") else "BUCKET_ENDPOINT_URL"
-    endpoint = get(endpoint_var)
+    bucket_var = next((name for name in _names("bucket") if get(name)), _names("bucket")[0])
+    endpoint_var = next((name for name in _names("endpoint_url") if get(name)), _names("endpoint_url")[0])
+    bucket, endpoint = get(bucket_var), get(endpoint_var)
     endpoint_region = None
     if endpoint:
         host_bucket, endpoint, endpoint_region = split_s3_endpoint(endpoint)
@@ -183,35 +283,27 @@ def _s3_from_env(get: Callable[[str], str | None]) -> S3Settings | None:
             raise ValueError(f"{endpoint_var} names bucket {host_bucket!r} but {bucket_var} says {bucket!r}")
         bucket = bucket or host_bucket
         if not bucket:
-            raise ValueError(f"{endpoint_var} names no bucket in its host: set DIFFBOX_S3_BUCKET")
+            raise ValueError(f"{endpoint_var} names no bucket in its host: set {_names('bucket')[0]}")
     if not bucket:
         return None
-    values: dict[str, object] = {
+    special = ("bucket", "endpoint_url", "region", "prefix", "access_key_id", "secret_access_key", "session_token")
+    values = {name: value for name, value in _read(S3Settings, get).items() if name not in special}
+    region_var, *fallbacks = _names("region")
+    values |= {
         "bucket": bucket,
         "endpoint_url": endpoint,
-        "region": get("DIFFBOX_S3_REGION") or endpoint_region or get("AWS_REGION") or get("AWS_DEFAULT_REGION"),
-        "prefix": (get("DIFFBOX_S3_PREFIX") or get("BUCKET_PREFIX") or "").strip("/"),
+        # The endpoint's own region comes before the AWS-wide variables.
+        "region": get(region_var) or endpoint_region or next(filter(None, map(get, fallbacks)), None),
+        "prefix": (next(filter(None, map(get, _names("prefix"))), None) or "").strip("/"),
     }
-    # A key id and its secret always come from the same pair of variables.
-    if get("AWS_ACCESS_KEY_ID"):
-        values["access_key_id"] = get("AWS_ACCESS_KEY_ID")
-        values["secret_access_key"] = get("AWS_SECRET_ACCESS_KEY")
-        values["session_token"] = get("AWS_SESSION_TOKEN")
-    elif get("BUCKET_ACCESS_KEY_ID"):
-        values["access_key_id"] = get("BUCKET_ACCESS_KEY_ID")
-        values["secret_access_key"] = get("BUCKET_SECRET_ACCESS_KEY")
-    for field, name in {
-        "url_ttl_s": "DIFFBOX_S3_URL_TTL_S",
-        "part_size_mb": "DIFFBOX_S3_PART_SIZE_MB",
-        "multipart_threshold_mb": "DIFFBOX_S3_MULTIPART_THRESHOLD_MB",
-        "max_concurrency": "DIFFBOX_S3_CONCURRENCY",
-        "retry_mode": "DIFFBOX_S3_RETRY_MODE",
-        "max_attempts": "DIFFBOX_S3_MAX_ATTEMPTS",
-        "connect_timeout_s": "DIFFBOX_S3_CONNECT_TIMEOUT_S",
-        "read_timeout_s": "DIFFBOX_S3_READ_TIMEOUT_S",
-    }.items():
-        if (value := get(name)) is not None:
-            values[field] = value
+    # A key id and its secret always come from the same pair of variables (AWS_* or BUCKET_*).
+    for pair, key_var in enumerate(_names("access_key_id")):
+        if get(key_var):
+            values["access_key_id"] = get(key_var)
+            values["secret_access_key"] = get(_names("secret_access_key")[pair])
+            if pair == 0:
+                values["session_token"] = get(_names("session_token")[0])
+            break
     return S3Settings.model_validate(values)
 
 

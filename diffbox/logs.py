@@ -1,8 +1,10 @@
 """Structured, quiet-by-default logging.
 
-One JSON object per line on stderr, so log collectors (RunPod's, Modal's) can index the
-fields. `DIFFBOX_LOG_LEVEL` sets the level (default INFO: one line per job and per backend
-event). Nothing here ever formats request payloads: callers log ids, sizes and timings only.
+Where no terminal is attached (RunPod, Modal, CI): one JSON object per line on stderr, so log
+collectors can index the fields. On a terminal: short lines for a person (log_human.py).
+`DIFFBOX_LOG_FORMAT` (`json`, `human`) forces either; `DIFFBOX_LOG_LEVEL` sets the level
+(default INFO: one line per job and per backend event). Nothing here ever formats request
+payloads: callers log ids, sizes and timings only.
 """
 
 from __future__ import annotations
@@ -12,8 +14,13 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from .log_human import HumanFormatter
+
+LEVEL_VAR = "DIFFBOX_LOG_LEVEL"
+FORMAT_VAR = "DIFFBOX_LOG_FORMAT"
 _CONFIGURED = False
 
 
@@ -33,15 +40,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _Stderr(logging.Handler):
+    """Writes to whatever sys.stderr is at the time, so a live progress bar that takes over
+    stderr (rich's) prints each line above the bar instead of being torn by it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def formatter(env: Mapping[str, str] = os.environ) -> logging.Formatter:
+    """Human lines on a terminal, JSON elsewhere; FORMAT_VAR `human` or `json` forces one."""
+    chosen = env.get(FORMAT_VAR, "").strip().lower()
+    if chosen == "human" or (chosen != "json" and sys.stderr.isatty()):
+        return HumanFormatter()
+    return JsonFormatter()
+
+
 def setup(level: str | None = None) -> None:
     global _CONFIGURED
     if _CONFIGURED:
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler = _Stderr()
+    handler.setFormatter(formatter())
     root = logging.getLogger("diffbox")
     root.addHandler(handler)
-    root.setLevel((level or os.environ.get("DIFFBOX_LOG_LEVEL", "INFO")).upper())
+    root.setLevel((level or os.environ.get(LEVEL_VAR, "INFO")).upper())
     root.propagate = False
     _CONFIGURED = True
 

@@ -36,38 +36,37 @@ class Output(BaseModel):
     """One output file, as the result contract describes it."""
 
     kind: Literal["image", "video", "audio", "file"]
-    filename: str
-    content_type: str
-    bytes: int
-    sha256: str
-    node: str | None = None
-    url: str | None = None
-    s3_uri: str | None = None
-    data: str | None = None
-    width: int | None = None
-    height: int | None = None
-    frames: int | None = None
-    fps: float | None = None
-    duration_s: float | None = None
-    clip: int | None = None
+    filename: str = Field(description="The file's name as ComfyUI saved it.")
+    content_type: str = Field(description="Its media type (image/png, video/mp4, ...).")
+    bytes: int = Field(description="Its size.")
+    sha256: str = Field(description="Of its bytes; the client checks it after a download.")
+    node: str | None = Field(default=None, description="The node that saved it.")
+    url: str | None = Field(default=None, description="In S3: a presigned GET.")
+    s3_uri: str | None = Field(default=None, description="In S3: s3://bucket/key.")
+    data: str | None = Field(default=None, description="Inline: the file in base64; in S3: the presigned URL.")
+    width: int | None = Field(default=None, description="Images and videos: pixels.")
+    height: int | None = Field(default=None, description="Images and videos: pixels.")
+    frames: int | None = Field(default=None, description="Videos: frames.")
+    fps: float | None = Field(default=None, description="Videos: frames per second.")
+    duration_s: float | None = Field(default=None, description="Videos: seconds.")
+    clip: int | None = Field(default=None, description="svi: the clip the file belongs to.")
 
 
 class Progress(BaseModel):
     """One progress update (DESIGN.md section 4); callers keep the highest `seq`."""
 
-    seq: int
+    seq: int = Field(description="Rises with each update; updates can arrive out of order: keep the highest.")
     stage: Literal["starting", "inputs", "downloading", "queued", "running", "uploading", "cancelled", "timeout"]
-    percent: float
-    node: str | None = None
-    step: int | None = None
-    steps: int | None = None
-    clip: int | None = None
-    clips: int | None = None
-    # downloading: bytes of the current file so far, and its size when known.
-    bytes: int | None = None
-    total: int | None = None
-    elapsed_s: float
-    eta_s: float | None = None
+    percent: float = Field(description="Only rises; weighted by where the time goes (sampler steps dominate).")
+    node: str | None = Field(default=None, description="The ComfyUI node running.")
+    step: int | None = Field(default=None, description="The sampler's step.")
+    steps: int | None = Field(default=None, description="The sampler's steps.")
+    clip: int | None = Field(default=None, description="svi: the clip being made.")
+    clips: int | None = Field(default=None, description="svi: the clips in all.")
+    bytes: int | None = Field(default=None, description="downloading: bytes of the current file so far.")
+    total: int | None = Field(default=None, description="downloading: the file's size, when known.")
+    elapsed_s: float = Field(description="Seconds since the job started.")
+    eta_s: float | None = Field(default=None, description="Estimated seconds left.")
 
 
 MAX_DETAILS = 20

@@ -1,8 +1,7 @@
 """`diffbox run` and `diffbox chat`: jobs on an endpoint from a terminal.
 
-Exit status: 0 done; 1 the job failed (or an output's checksum did not match, or the endpoint
-could not be used); 2 a bad request, refused before it was sent; 124 `--timeout` ran out (the
-job goes on); 130 interrupted (Ctrl-C cancels the job where the endpoint can).
+Exit statuses: exits.py. display.py (rich) is imported only when a command runs, so
+`diffbox schema` needs no rich.
 """
 
 from __future__ import annotations
@@ -17,15 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from .client import Client
 from .errors import ClientError
+from .exits import EXIT_INTERRUPTED
 from .job import Job
 from .uploads import UPLOAD_MODES
 
 if TYPE_CHECKING:
     from .display import RunDisplay
 
-# display.py returns these; cli.py imports it only when a command runs, so `diffbox schema`
-# needs no rich.
-EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 124, 130
 # How long Ctrl-C waits for the endpoint to confirm a cancel; a second Ctrl-C stops waiting.
 CANCEL_WAIT_S = 30.0
 

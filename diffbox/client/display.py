@@ -17,9 +17,9 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Table
 
-from .cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE
 from .download import outputs_of, source_url
 from .errors import ClientError, JobFailed
+from .exits import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE
 from .job import Job
 
 

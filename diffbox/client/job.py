@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from .download import outputs_of, save_outputs
+from .envelope import FINAL_STATUSES, Envelope
 from .errors import EndpointError, JobCancelled, JobFailed, NotSupported
-from .transports import FINAL_STATUSES, Envelope, Transport
+from .transports import Transport
 
 
 class Job:

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 from .. import runtime
 from ..api.http_api import JobStatus, LocalJobs, stream_envelope
+from .envelope import Envelope
 from .errors import EndpointError
-from .transports import Envelope
 
 T = TypeVar("T")
 

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 import requests
 
+from .envelope import Envelope
 from .errors import EndpointError, NotSupported
 
-FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 # RunPod refuses /run bodies above 10 MB (DESIGN.md section 3); inline images count.
 RUNPOD_MAX_REQUEST_BYTES = 10 * 1000 * 1000
 # How long one status request may take. The runpod SDK's local API server runs a /run job
@@ -24,7 +24,6 @@ RUNPOD_MAX_REQUEST_BYTES = 10 * 1000 * 1000
 # job: the worker's own bound (DIFFBOX_JOB_TIMEOUT_S, 3600 s by default) and some margin.
 LONG_READ_S = 4000.0
 DEFAULT_MODAL_PROGRESS_DICT = "diffbox-progress"
-Envelope = dict[str, Any]
 
 
 class Transport(Protocol):

@@ -102,8 +102,9 @@ class ChatRequest(Strict):
                                            description="The conversation, in OpenAI's format.")
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT, validate_default=True,
                                description="One user message; instead of messages.")
-    max_tokens: int = Field(default=512, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(default=0.7, ge=0, le=2)
+    max_tokens: int = Field(default=512, ge=1, le=MAX_TOKENS, description="At most this many (and what the context "
+                            "leaves).")
+    temperature: float = Field(default=0.7, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(default=0.9, gt=0, le=1)
     stop: Stop = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Same seed, same text (temperature > 0).")

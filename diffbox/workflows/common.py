@@ -22,7 +22,7 @@ class TypedRequest(Strict):
         default="fast", description="fast: the 4-step Lightning LoRA(s); quality: the full step count without it."
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
-    output: OutputOptions | None = None
+    output: OutputOptions | None = Field(default=None, description="Where the outputs go.")
 
 
 def draw_seed(seed: int | None) -> int:

@@ -74,7 +74,7 @@ def fetch_command(model_set: str, preset: str, models_dir: Path) -> str:
 
 def _problem(f: ModelFile, models_dir: Path, lock: model_lock.WeightsLock | None) -> str | None:
     """Why the file of `f` under `models_dir` can't be used, or None. Sizes only: hashing
-    the 14 GB files of a Wan job would take longer than many jobs do (README, "Weights")."""
+    the 14 GB files of a Wan job would take longer than many jobs do (docs/weights.md)."""
     try:
         size = f.local_path(models_dir).stat().st_size
     except FileNotFoundError:

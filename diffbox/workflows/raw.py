@@ -30,8 +30,8 @@ MAX_SEED = 2**53 - 1  # exact in JSON numbers everywhere (JavaScript clients inc
 
 
 class NamedImage(Strict):
-    name: str = Field(min_length=1, max_length=200)
-    image: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=200, description="The file name the graph's LoadImage names.")
+    image: str = Field(min_length=1, description="https:// or s3:// URL, data URI or base64.")
 
     @field_validator("name")
     @classmethod
@@ -44,8 +44,9 @@ class NamedImage(Strict):
 
 class RawRequest(Strict):
     workflow: dict[str, Any] = Field(description="A ComfyUI API-format graph: {node id: {class_type, inputs}}")
-    images: list[NamedImage] = Field(default_factory=list, max_length=16)
-    output: OutputOptions | None = None
+    images: list[NamedImage] = Field(default_factory=list, max_length=16,
+                                     description="Input images, each saved under its name for the graph's LoadImage.")
+    output: OutputOptions | None = Field(default=None, description="Where the outputs go.")
 
     @model_validator(mode="after")
     def _graph_shape(self) -> RawRequest:

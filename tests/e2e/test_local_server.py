@@ -204,3 +204,21 @@ def test_make_run_saves_the_outputs_and_prints_a_summary(comfy: ComfyTarget, tmp
     assert f"saved in {out}" in done.stdout and "timings: inputs" in done.stdout and "total" in done.stdout
     assert TEST_INPUT["input"]["images"][0]["image"][:40] not in done.stdout + done.stderr
     assert len(done.stdout) < 2000, done.stdout
+
+
+def test_make_run_on_a_terminal_prints_short_log_lines_above_the_bar(comfy: ComfyTarget, tmp_path: Path) -> None:
+    """On a terminal the worker's log lines are for a person, and rich prints them above its
+    live bar rather than through it; the same run without a terminal logs JSON (above)."""
+    import re
+
+    out = tmp_path / "out"
+    env = {**worker_env(comfy, tmp_path / "work"), "TERM": "xterm-256color", "COLUMNS": "120"}
+    term = Terminal(_make_run_argv(out), env)
+    assert term.wait(120) == 0, term.text()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term.text()).replace("\r", "\n")
+    logged = [line for line in text.splitlines() if re.match(r"\d\d:\d\d:\d\d (INFO|WARNING) ", line)]
+    assert any("job done" in line for line in logged), text
+    assert not any(line.lstrip().startswith('{"ts"') for line in text.splitlines()), text
+    # A log line written through the bar would share its line with the bar's drawing.
+    assert not any("━" in line or "%" in line.split("  ")[0] for line in logged), logged
+    assert "saved in" in text and sorted(p.suffix for p in out.iterdir()) == [".mp4", ".png"]
