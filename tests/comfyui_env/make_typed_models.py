@@ -258,7 +258,7 @@ def main(comfy_dir: Path, models: Path, manifest_path: Path) -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()  # or ComfyUI's modules ignore --cpu and look for a GPU
-    import comfy.model_management  # noqa: F401  (reads --cpu)
+    import comfy.model_management  # (reads --cpu)
     import safetensors.torch
 
     manifest = json.loads(manifest_path.read_text())
