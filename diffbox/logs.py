@@ -70,6 +70,10 @@ def setup(level: str | None = None) -> None:
     root.addHandler(handler)
     root.setLevel((level or os.environ.get(LEVEL_VAR, "INFO")).upper())
     root.propagate = False
+    # httpx logs each request's whole URL at INFO, and huggingface_hub downloads through it: the
+    # Hub's signed CDN URLs would reach whatever prints the root logger (RunPod's SDK does).
+    for name in ("httpx", "httpcore", "httpx2", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     _CONFIGURED = True
 
 

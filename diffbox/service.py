@@ -246,9 +246,9 @@ class _Job:
                                           self.progress.on_message, self._on_output, self.abort, comfy.sockets)
         log_mark = unmatched.last_entry(comfy.client.log_entries()) if self.loras is not None else None
         outcome = run.run(plan.graph)
+        ended = time.monotonic()
         if self.loras is not None and outcome.status == "success":
             self._judge_loras(comfy, plan, outcome, log_mark)
-        ended = time.monotonic()
         started = outcome.started_at or ended
         self.timings["queue_s"] = round(started - submitted, 3)
         self.timings["inference_s"] = round(ended - started, 3)

@@ -141,7 +141,9 @@ async def test_comfyui_killed_mid_job_fails_it_and_the_supervisor_restarts_it(ow
 
 
 def test_warm_up_at_start_without_weights_is_logged_and_the_worker_serves(real: ComfyTarget, tmp_path: Path) -> None:
-    api = start_runpod_api(worker_env(real, tmp_path / "work", DIFFBOX_WARMUP="qwen_edit:fast:2509"),
+    # A models folder of its own without weights (the session's ComfyUI has the typed stand-ins).
+    api = start_runpod_api(worker_env(real, tmp_path / "work", DIFFBOX_WARMUP="qwen_edit:fast:2509",
+                                      DIFFBOX_MODELS_DIR=str(tmp_path / "no-weights")),
                            tmp_path / "handler.log")
     try:
         body = api.runsync(invert_job(IMAGE))
