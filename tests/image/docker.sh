@@ -40,5 +40,6 @@ docker_down() {
         kill "$DOCKERD_PID" 2>/dev/null || true
         wait "$DOCKERD_PID" 2>/dev/null || true
         DOCKERD_PID=""
+        rm -f "$DOCKERD_LOG"
     fi
 }

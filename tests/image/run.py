@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import os
@@ -32,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import av
 import requests
 from PIL import Image
 
@@ -43,6 +45,9 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER = os.environ.get("DOCKER", "docker")
 LOCK_IN_CONTEXT = "workflows/locks/image-test.json"
 VOLUME_TARGET = "/runpod-volume"
+# The Hub's URL is a build argument, so part of the weights layer's cache key: a port of its own
+# keeps that layer, and the ComfyUI layer after it, cached from one run to the next.
+HUB_PORT = int(os.environ.get("IMAGE_TEST_HUB_PORT", "47391"))
 
 
 class Failed(Exception):
@@ -133,7 +138,7 @@ def read_from_image(image: str, path: str) -> str:
 def build_and_check_weights(context: Path, tag: str, log_dir: Path) -> Build:
     hub, contents = hub_with_i2v_fast()
     weights = {"MODELS": "i2v", "PRESETS": "fast"}
-    with serve_fake_hub(hub):
+    with serve_fake_hub(hub, HUB_PORT):
         log(f"building {tag} (cold unless the layer cache has it); weights from a loopback Hub")
         first = Build(context, tag, build_args({**weights, "HF_ENDPOINT": hub.url}), log_dir, "weights")
         check(first.ok, f"the build failed (log {first.log_path}):\n{first.tail()}")
@@ -162,15 +167,19 @@ def build_and_check_weights(context: Path, tag: str, log_dir: Path) -> Build:
 
 
 def incremental_build(context: Path, tag: str, log_dir: Path) -> Build:
-    """A one-line change in diffbox/: the weights and ComfyUI layers stay cached."""
-    target = context / "diffbox" / "__init__.py"
-    target.write_text(target.read_text() + "# a one-line change (image test)\n")
-    with serve_fake_hub(hub_with_i2v_fast()[0]) as hub:
+    """A one-line change in diffbox/ (a module the builder does not import): the weights and
+    ComfyUI layers stay cached."""
+    target = context / "diffbox" / "config.py"
+    # A new line each run: the same change twice would come from the cache.
+    target.write_text(target.read_text() + f"# image test {time.time_ns()}\n")
+    before = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    with serve_fake_hub(hub_with_i2v_fast()[0], HUB_PORT) as hub:
         again = Build(context, tag, build_args({"MODELS": "i2v", "PRESETS": "fast", "HF_ENDPOINT": hub.url}),
                       log_dir, "incremental")
     check(again.ok, f"the rebuild failed (log {again.log_path}):\n{again.tail()}")
+    docker("rmi", before)  # the image before the change, now untagged: its last layers go with it
     steps = again.steps()
-    ran = [step for step, cached in steps.items() if not cached]
+    ran = [step for step, cached in steps.items() if not cached and not step.startswith("FROM ")]
     heavy = [step for step in steps if "builder download" in step or "builder comfyui" in step]
     check(len(heavy) == 2 and all(steps[step] for step in heavy), f"a heavy layer was rebuilt: {ran}")
     log(f"rebuilt after a one-line change in {again.seconds:.0f} s; steps that ran: {ran}")
@@ -196,9 +205,25 @@ def container(image: str, *args: str, env: dict[str, str], volume: Path | None =
         docker("rm", "-f", name)
 
 
-def output_files(output: dict[str, Any]) -> list[dict[str, Any]]:
-    files: list[dict[str, Any]] = output.get("images", [])
-    return files
+def output_files(output: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [f for f in output.get("images", []) if f.get("kind") == kind]
+
+
+def source_image() -> str:
+    image: str = json.loads((REPO / "test_input.json").read_text())["input"]["images"][0]["image"]
+    return image
+
+
+def check_test_input_output(output: dict[str, Any], what: str) -> str:
+    """test_input.json's outputs, decoded: its image inverted, and an 8-frame video of it."""
+    source = source_image()
+    images, videos = output_files(output, "image"), output_files(output, "video")
+    check(len(images) == 1 and len(videos) == 1, f"{what}: expected an image and a video: {json.dumps(output)[:600]}")
+    check(is_inversion_of(images[0]["data"], source), f"{what}: the image is not the input inverted")
+    with av.open(io.BytesIO(base64.b64decode(videos[0]["data"]))) as clip:
+        frames = sum(1 for _ in clip.decode(video=0))
+    check(frames == 8, f"{what}: the video has {frames} frames, not 8")
+    return "the inverted image and the 8-frame video decoded"
 
 
 def test_mode(image: str) -> None:
@@ -209,8 +234,16 @@ def test_mode(image: str) -> None:
         logs = docker("logs", name)
     text = logs.stdout + logs.stderr
     check(waited.stdout.strip() == "0", f"the CMD exited {waited.stdout.strip()}:\n{text[-3000:]}")
-    check("Job local_test completed successfully." in text, f"no completed job in the CMD's log:\n{text[-3000:]}")
-    log(f"(a) test mode: test_input.json done, exit 0, in {time.monotonic() - start:.0f} s from docker run")
+    # The SDK prints the result on one log line cut to 4096 characters: the image comes first and
+    # whole (its sha256 says so); the video is checked through the API in (b).
+    image = re.search(r"^INFO +\| Job result: \{'output': \{'images': \[\{[^}]*'sha256': '([0-9a-f]{64})'"
+                      r"[^}]*'kind': 'image'[^}]*'data': '([A-Za-z0-9+/=]+)'", text, re.M)
+    check(image is not None, f"no image in the job result of the CMD's log:\n{text[-3000:]}")
+    assert image is not None
+    check(hashlib.sha256(base64.b64decode(image[2])).hexdigest() == image[1], "test mode: the image is cut short")
+    check(is_inversion_of(image[2], source_image()), "test mode: the image is not the input inverted")
+    log(f"(a) test mode: exit 0, the inverted image decoded from the SDK's log, "
+        f"{time.monotonic() - start:.0f} s from docker run")
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
@@ -231,29 +264,20 @@ def wait_for_api(url: str, timeout_s: float = 300) -> None:
     raise Failed(f"the API at {url} did not answer within {timeout_s:.0f} s")
 
 
-def invert_checked(output: dict[str, Any], source: str, what: str) -> None:
-    images = output_files(output)
-    check(len(images) == 1, f"{what}: expected one image, got {json.dumps(output)[:500]}")
-    check(is_inversion_of(images[0]["data"], source), f"{what}: the image is not the input inverted")
-
-
 def serve_api(image: str) -> None:
     """--rp_serve_api: /runsync, then /run with /status until it is done; outputs decoded."""
     job = json.loads((REPO / "test_input.json").read_text())
-    source = job["input"]["images"][0]["image"]
-    invert_only = {"input": {**job["input"], "workflow": {k: v for k, v in job["input"]["workflow"].items()
-                                                            if k in ("1", "2", "3")}}}
     api, comfy = free_port(), free_port()
     base = f"http://127.0.0.1:{api}"
     start = time.monotonic()
     with container(image, "python", "-u", "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
                    "--rp_api_port", str(api), env={"DIFFBOX_COMFYUI_PORT": str(comfy)}):
         wait_for_api(f"{base}/docs")
-        first = post(f"{base}/runsync", invert_only)
+        first = post(f"{base}/runsync", job)
         first_done = time.monotonic() - start
         check(first.get("status") == "COMPLETED", f"/runsync: {json.dumps(first)[:800]}")
-        invert_checked(first["output"], source, "/runsync")
-        log(f"(b) /runsync: the inverted image decoded; container start to first job done: {first_done:.1f} s")
+        decoded = check_test_input_output(first["output"], "/runsync")
+        log(f"(b) /runsync: {decoded}; figures: container start to first job done {first_done:.1f} s")
 
         queued = post(f"{base}/run", job)
         statuses = [queued.get("status")]
@@ -265,11 +289,8 @@ def serve_api(image: str) -> None:
                 break
             time.sleep(0.2)
         check(status.get("status") == "COMPLETED", f"/status: {json.dumps(status)[:800]}")
-        output = status["output"]
-        invert_checked(output, source, "/run")
-        videos = [v for v in output.get("videos", output.get("files", [])) if isinstance(v, dict)]
-        log(f"(b) /run + /status: {' -> '.join(dict.fromkeys(s for s in statuses if s))}; image decoded; "
-            f"other outputs: {sorted(k for k in output if k != 'images')} {len(videos)}")
+        decoded = check_test_input_output(status["output"], "/run")
+        log(f"(b) /run + /status: {' -> '.join(dict.fromkeys(s for s in statuses if s))}; {decoded}")
 
 
 def volume_jobs(image: str, tiny_models: Path, work: Path) -> None:
@@ -289,7 +310,7 @@ def volume_jobs(image: str, tiny_models: Path, work: Path) -> None:
         wait_for_api(f"{base}/docs")
         sampled = post(f"{base}/runsync", {"input": {"workflow": sampler_graph(4)}})
         check(sampled.get("status") == "COMPLETED", f"the tiny checkpoint's job: {json.dumps(sampled)[:800]}")
-        images = output_files(sampled["output"])
+        images = output_files(sampled["output"], "image")
         check(len(images) == 1, f"the tiny checkpoint's job: {json.dumps(sampled)[:500]}")
         picture = Image.open(io.BytesIO(base64.b64decode(images[0]["data"])))
         check(picture.size == (64, 64), f"the tiny checkpoint's image is {picture.size}")

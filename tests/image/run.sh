@@ -26,7 +26,17 @@ export IMAGE_TEST_BASE="diffbox-test/base:bookworm-python3"
 export IMAGE_TEST_UV="diffbox-test/uv:$uv_version"
 export IMAGE_TEST_SOURCES="diffbox-test/comfyui-sources:$sources_id"
 export IMAGE_TEST_CA_BUNDLE="${IMAGE_TEST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
-export IMAGE_TEST_LOGS="${IMAGE_TEST_LOGS:-$(mktemp -d -t diffbox-image-test-logs.XXXX)}"
-echo "image-test: logs in $IMAGE_TEST_LOGS" >&2
+# Build and container logs: kept where IMAGE_TEST_LOGS says, or in a temporary folder kept only on failure.
+own_logs=""
+if [[ -z "${IMAGE_TEST_LOGS:-}" ]]; then
+    IMAGE_TEST_LOGS="$(mktemp -d -t diffbox-image-test-logs.XXXX)"
+    own_logs="$IMAGE_TEST_LOGS"
+fi
+export IMAGE_TEST_LOGS
 bash "$HERE/local_images.sh" "$IMAGE_TEST_BASE" "$IMAGE_TEST_UV" "$IMAGE_TEST_SOURCES" "$SOURCE_DIR"
-uv run --frozen python -m tests.image.run --tiny-models "$CACHE_DIR/comfyui-models"
+if uv run --frozen python -m tests.image.run --tiny-models "$CACHE_DIR/comfyui-models"; then
+    [[ -z "$own_logs" ]] || rm -rf "$own_logs"
+else
+    echo "image-test: FAILED; build and container logs are in $IMAGE_TEST_LOGS" >&2
+    exit 1
+fi
