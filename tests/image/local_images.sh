@@ -38,8 +38,8 @@ if ! have "$UV"; then
     version="$(sed -n 's/^ARG UV_IMAGE=.*uv:\([0-9.]*\)$/\1/p' Dockerfile.serverless)"
     [[ -n "$version" ]] || die "no uv release in Dockerfile.serverless's UV_IMAGE"
     log "uv $version from PyPI -> $UV"
-    python3 -m pip download -q --no-deps --only-binary :all: -d "$work/uv" "uv==$version" \
-        || die "could not download uv $version from the package registry"
+    python3 -m pip download -q --no-deps --only-binary :all: -d "$work/uv" "uv==$version" 2>"$work/pip.log" \
+        || { cat "$work/pip.log" >&2; die "could not download uv $version from the package registry"; }
     mkdir "$work/uvroot"
     python3 -m zipfile -e "$work"/uv/uv-*.whl "$work/uv/x"
     install -m 0755 "$work"/uv/x/uv-*.data/scripts/uv "$work"/uv/x/uv-*.data/scripts/uvx "$work/uvroot/"
