@@ -228,13 +228,13 @@ def check_test_input_output(output: dict[str, Any], what: str) -> str:
     images, videos = output_files(output, "image"), output_files(output, "video")
     check(len(images) == 1 and len(videos) == 1, f"{what}: expected an image and a video: {json.dumps(output)[:600]}")
     check(is_inversion_of(images[0]["data"], source), f"{what}: the image is not the input inverted")
-    with av.open(io.BytesIO(base64.b64decode(videos[0]["data"]))) as clip:
-        frames = sum(1 for _ in clip.decode(video=0))
+    with av.open(io.BytesIO(base64.b64decode(videos[0]["data"])), mode="r") as clip:
+        frames = len(list(clip.decode(video=0)))
     check(frames == 8, f"{what}: the video has {frames} frames, not 8")
     return "the inverted image and the 8-frame video decoded"
 
 
-def test_mode(image: str) -> None:
+def sdk_test_mode(image: str) -> None:
     """The image's CMD as it is: the SDK runs test_input.json once and exits."""
     start = time.monotonic()
     with container(image, env={}, network="none") as name:
@@ -244,14 +244,14 @@ def test_mode(image: str) -> None:
     check(waited.stdout.strip() == "0", f"the CMD exited {waited.stdout.strip()}:\n{text[-3000:]}")
     # The SDK prints the result on one log line cut to 4096 characters: the image comes first and
     # whole (its sha256 says so); the video is checked through the API in (b).
-    image = re.search(r"^INFO +\| Job result: \{'output': \{'images': \[\{[^}]*'sha256': '([0-9a-f]{64})'"
+    found = re.search(r"^INFO +\| Job result: \{'output': \{'images': \[\{[^}]*'sha256': '([0-9a-f]{64})'"
                       r"[^}]*'kind': 'image'[^}]*'data': '([A-Za-z0-9+/=]+)'", text, re.M)
-    check(image is not None, f"no image in the job result of the CMD's log:\n{text[-3000:]}")
-    assert image is not None
-    check(hashlib.sha256(base64.b64decode(image[2])).hexdigest() == image[1], "test mode: the image is cut short")
-    check(is_inversion_of(image[2], source_image()), "test mode: the image is not the input inverted")
+    check(found is not None, f"no image in the job result of the CMD's log:\n{text[-3000:]}")
+    assert found is not None
+    check(hashlib.sha256(base64.b64decode(found[2])).hexdigest() == found[1], "test mode: the image is cut short")
+    check(is_inversion_of(found[2], source_image()), "test mode: the image is not the input inverted")
     passed(f"(a) test mode: exit 0, the inverted image decoded from the SDK's log, "
-        f"{time.monotonic() - start:.0f} s from docker run")
+           f"{time.monotonic() - start:.0f} s from docker run")
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             first = build_and_check_weights(context, args.tag, log_dir)
             again = incremental_build(context, args.tag, log_dir)
             layer_sizes(args.tag)
-            test_mode(args.tag)
+            sdk_test_mode(args.tag)
             serve_api(args.tag)
             volume_jobs(args.tag, args.tiny_models, work)
         except Failed as exc:
