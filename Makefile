@@ -4,7 +4,7 @@
 UV_VERSION := 0.13.8
 export DIFFBOX_TEST_CACHE ?= $(HOME)/.cache/diffbox-test
 
-.PHONY: setup run test lint docs vllm-env comfyui-env
+.PHONY: setup run test lint docs vllm-env comfyui-env image-test
 
 setup:
 	@command -v uv >/dev/null 2>&1 && uv --version | grep -q "$(UV_VERSION)" || python3 -m pip install -q "uv==$(UV_VERSION)"
@@ -45,3 +45,8 @@ lint: setup
 test: setup vllm-env comfyui-env lint
 	uv run pytest --comfyui=fake
 	uv run pytest --comfyui=real
+
+# Dockerfile.serverless built here (the tiny models of comfyui-env, local stand-ins for what this
+# machine cannot pull) and run as RunPod runs it, on the CPU: docs/image-test.md.
+image-test: setup comfyui-env
+	bash tests/image/run.sh

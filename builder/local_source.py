@@ -125,8 +125,7 @@ def _unpack(source: LocalSource, target: Path) -> None:
     try:
         try:
             with tarfile.open(source.path) as archive:
-                # "data" refuses absolute paths, links out of the tree and device files.
-                archive.extractall(staging, filter="data")
+                _extract(archive, staging)
         except (tarfile.TarError, OSError) as exc:
             raise BuildError(f"{source.path}: cannot unpack: {exc}") from exc
         top = staging / source.name
@@ -138,3 +137,25 @@ def _unpack(source: LocalSource, target: Path) -> None:
         top.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _extract(archive: tarfile.TarFile, staging: Path) -> None:
+    """The "data" filter refuses absolute paths, links out of the tree and device files. Python
+    before 3.11.4 has no filters (Debian bookworm's 3.11.2, an image's system Python): the same
+    refusals are made here before extracting."""
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(staging, filter="data")
+        return
+    root = staging.resolve()
+    for member in archive.getmembers():
+        path = (root / member.name).resolve()
+        if member.issym():
+            linked = (path.parent / member.linkname).resolve()
+        elif member.islnk():
+            linked = (root / member.linkname).resolve()
+        else:
+            linked = path
+        plain = member.isfile() or member.isdir() or member.issym() or member.islnk()
+        if not plain or not path.is_relative_to(root) or not linked.is_relative_to(root):
+            raise tarfile.TarError(f"{member.name}: not a file, folder or link inside the tree")
+    archive.extractall(staging)

@@ -232,9 +232,10 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def serve_fake_hub(hub: FakeHub | None = None) -> Iterator[FakeHub]:
+def serve_fake_hub(hub: FakeHub | None = None, port: int = 0) -> Iterator[FakeHub]:
+    """On `port` (any free one by default)."""
     hub = hub or FakeHub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(hub))
     server.daemon_threads = True
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, name="fake-hf-hub", daemon=True)

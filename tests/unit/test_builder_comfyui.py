@@ -146,9 +146,13 @@ def _archive(path: Path, top: str, files: dict[str, str]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("python", ["with tar filters", "before 3.11.4, without them"])
 def test_local_archives_replace_github_and_say_when_they_are_not_the_pin(
-    tmp_path: Path, upstream: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, upstream: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    python: str,
 ) -> None:
+    if python.startswith("before"):
+        monkeypatch.delattr(tarfile, "data_filter")
     pins = _pins(tmp_path, upstream, "comfy_v1")
     src = tmp_path / "src"
     src.mkdir()
@@ -199,9 +203,13 @@ def test_an_unreachable_repository_says_how_to_install_without_github(
     assert "--source DIR_OR_ARCHIVE or DIFFBOX_COMFYUI_SOURCE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("python", ["with tar filters", "before 3.11.4, without them"])
 def test_an_archive_reaching_out_of_its_tree_is_refused(
-    tmp_path: Path, upstream: dict[str, str], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, upstream: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    python: str,
 ) -> None:
+    if python.startswith("before"):  # Debian bookworm's 3.11.2, an image's system Python
+        monkeypatch.delattr(tarfile, "data_filter")
     src = tmp_path / "src"
     src.mkdir()
     _archive(src / "ComfyUI-a125cd8.tar.gz", "ComfyUI", {"main.py": "x\n", "../../escaped.txt": "no\n"})

@@ -127,3 +127,19 @@ def test_the_files_copied_before_the_weights_are_enough_to_run_the_builder(tmp_p
                             timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "6 files" in result.stdout
+
+
+def test_without_build_args_the_image_comes_from_the_sources_runpod_users_build_from() -> None:
+    """The image test (docs/image-test.md) replaces these through build arguments only."""
+    defaults = {}
+    for ins in _instructions():
+        if ins["instruction"] == "ARG" and "=" in ins["value"]:
+            name, value = ins["value"].split("=", 1)
+            defaults.setdefault(name, value.strip('"'))
+    assert defaults["CUDA_IMAGE"] == "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04"
+    assert defaults["UV_IMAGE"] == "ghcr.io/astral-sh/uv:0.13.8"
+    assert defaults["UV_PYTHON_PREFERENCE"] == "only-managed"
+    assert defaults["TORCH_INDEX"] == "https://download.pytorch.org/whl/cu128"
+    assert defaults["COMFYUI_SOURCES"] == "scratch"  # ComfyUI and its nodes from GitHub
+    # A `# syntax=` line makes BuildKit pull a frontend image: not every builder can.
+    assert not DOCKERFILE.read_text().startswith("# syntax")

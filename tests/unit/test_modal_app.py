@@ -115,7 +115,9 @@ def test_image_is_built_like_dockerfile_serverless() -> None:
     assert parser.args["TORCH_PACKAGES"] == modal_app.TORCH_PACKAGES
     assert parser.args["VLLM_VERSION"] == modal_app.VLLM_VERSION
     steps = [(i["instruction"], i["value"]) for i in parser.structure]
-    assert ("COPY", f"--from=ghcr.io/astral-sh/uv:{modal_app.UV_VERSION} /uv /uvx /usr/local/bin/") in steps
+    # uv comes from a stage of its own, named by an ARG before the first FROM.
+    assert ("ARG", f"UV_IMAGE=ghcr.io/astral-sh/uv:{modal_app.UV_VERSION}") in steps
+    assert ("COPY", "--from=uv /uv /uvx /usr/local/bin/") in steps
     apt = next(v for k, v in steps if k == "RUN" and "apt-get install" in v)
     assert set(modal_app.APT_PACKAGES) <= set(apt.split())
     runs = " ".join(v for k, v in steps if k == "RUN")
