@@ -16,6 +16,7 @@ outputs included, so it does not read `/history` back on success.
 from __future__ import annotations
 
 import json
+import logging
 import select
 import threading
 import time
@@ -251,6 +252,7 @@ class PromptRun:
     def _outcome(self, prompt_id: str, status: Literal["success", "error", "interrupted"],
                  error: dict[str, Any] | None = None, confirmed: bool = True,
                  entry: dict[str, Any] | None = None) -> Outcome:
+        logs.event(log, "prompt ended", level=logging.DEBUG, prompt_id=prompt_id, status=status, confirmed=confirmed)
         if entry is None:
             entry = self._history(prompt_id, wait=status == "success")
         self.finished = confirmed
