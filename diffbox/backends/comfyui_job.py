@@ -40,6 +40,14 @@ RECONCILE_AFTER_S = 5.0
 RECONNECT_FOR_S = 15.0
 # An interrupt takes effect between nodes; a node that never checks runs to its end first.
 STOP_GRACE_S = 60.0
+# ComfyUI sends `progress_state`, the state of every node begun so far, as each node starts and
+# ends: bytes that grow with the square of a graph's size (72 MB over a 600-node chain), more
+# than this worker parses as fast as ComfyUI sends them, which left a backlog between a stop and
+# the message saying it took effect. Each one supersedes the one before, so one is read in this
+# interval and the others are skipped unparsed (recognized by how ComfyUI's json.dumps begins one;
+# should that ever change, every message is parsed, as before).
+STATE_PREFIX = '{"type": "progress_state"'
+STATE_EVERY_S = 0.25
 
 OnMessage = Callable[[str, dict[str, Any]], None]
 OnOutput = Callable[[str, dict[str, Any]], None]
@@ -151,6 +159,7 @@ class PromptRun:
         self._started_at: float | None = None
         self._seen_outputs: dict[str, dict[str, Any]] = {}
         self._dropped = False  # the socket dropped once: messages may have been lost
+        self._state_read_at = float("-inf")
 
     def run(self, graph: dict[str, Any]) -> Outcome:
         taken = self.sockets.take() if self.sockets is not None else None
@@ -212,6 +221,10 @@ class PromptRun:
             last_message = time.monotonic()
             if isinstance(raw, bytes):
                 continue  # preview frames: not part of any result
+            if raw.startswith(STATE_PREFIX):
+                if last_message - self._state_read_at < STATE_EVERY_S:
+                    continue
+                self._state_read_at = last_message
             message = json.loads(raw)
             kind, data = message.get("type"), message.get("data") or {}
             if data.get("prompt_id") != prompt_id:
