@@ -5,7 +5,7 @@ wire, so the real leg meets the same faults.
     with FaultProxy(("127.0.0.1", comfy_port)) as proxy:   # the worker talks to proxy.url
         proxy.reset_websockets()   # every WebSocket torn down with a TCP reset
         proxy.reset_all()          # every connection, HTTP ones too
-        proxy.stall(True)          # no byte forwarded either way, connections kept open
+        proxy.stall_websockets(True)  # no WebSocket byte forwarded either way, sockets kept open
         proxy.garbage(True)        # every HTTP request answered 200 with an HTML body
         proxy.refuse(True)         # the listener closed: new connections are refused
 
@@ -88,8 +88,9 @@ class FaultProxy:
     def reset_all(self) -> int:
         return self._reset(lambda link: True)
 
-    def stall(self, on: bool) -> None:
-        """While on, no byte goes through either way (connections stay open, silent)."""
+    def stall_websockets(self, on: bool) -> None:
+        """While on, no WebSocket byte goes through either way (the sockets stay open, silent);
+        HTTP goes on."""
         if on:
             self._flowing.clear()
         else:
@@ -184,7 +185,8 @@ class FaultProxy:
                 if outbound and self._garbage and not link.websocket:
                     link.client.sendall(GARBAGE)
                     break
-                self._flowing.wait()
+                if link.websocket:
+                    self._flowing.wait()
                 if link.closed:
                     break
                 dst.sendall(data)
