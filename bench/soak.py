@@ -44,8 +44,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import free_port, worker_env  # noqa: E402
-from tests.conftest import ComfyTarget  # noqa: E402
+from tests.conftest import ComfyTarget, free_port, worker_env  # noqa: E402
 from tests.fakes.runpod_api import FakeRunpodApi  # noqa: E402
 from tests.jobkit import sampler_graph  # noqa: E402
 
@@ -144,6 +143,38 @@ def comfyui(args: argparse.Namespace, work: Path) -> Iterator[ComfyTarget]:
         yield ComfyTarget(real.url, real.base_dir, is_fake=False)
 
 
+def one_job(api: FakeRunpodApi, comfy: ComfyTarget, job_id: str, kind: str, i: int) -> str | None:
+    """Run one job of `kind` through the worker; what went wrong, or None."""
+    if kind == "small":
+        job, color = small_job(i)
+        api.add_job(job_id, job)
+        final = wait_for(lambda: api.final(job_id), 120)
+        if not (final and "error" not in final.get("output", {}) and small_ok(final["output"], color)):
+            return f"{job_id}: {str(final)[:300]}"
+    elif kind == "video":
+        api.add_job(job_id, video_job(i))
+        final = wait_for(lambda: api.final(job_id), 300)
+        if not (final and "error" not in final.get("output", {}) and video_ok(final["output"])):
+            return f"{job_id}: {str(final)[:300]}"
+    elif kind == "cancel":
+        api.add_job(job_id, {"workflow": sampler_graph(ENDLESS_STEPS)})
+        if not wait_for(lambda: any(b.get("output", {}).get("step") for b in api.posts_for(job_id)), 120):
+            return f"{job_id}: never reached a step"
+        api.stop_job(job_id)
+        if not wait_for(lambda: queue_empty(comfy.url), 30):
+            return f"{job_id}: its prompt stayed in ComfyUI's queue"
+        time.sleep(1)  # a result posted late would show now
+        if api.final(job_id) is not None:
+            return f"{job_id}: a cancelled job posted a result"
+    else:
+        api.add_job(job_id, {"workflow": sampler_graph(ENDLESS_STEPS)})
+        final = wait_for(lambda: api.final(job_id), TIMEOUT_S + 120)
+        error = json.loads(final["error"]) if final and isinstance(final.get("error"), str) else {}
+        if error.get("type") != "timeout":
+            return f"{job_id}: {str(final)[:300]}"
+    return None
+
+
 def run(args: argparse.Namespace, comfy: ComfyTarget, work: Path) -> dict[str, Any]:
     assert comfy.base_dir is not None
     api = FakeRunpodApi().start()
@@ -165,34 +196,9 @@ def run(args: argparse.Namespace, comfy: ComfyTarget, work: Path) -> dict[str, A
     t0 = time.monotonic()
     try:
         for i, kind in enumerate(plan):
-            job_id = f"soak-{i}-{kind}"
-            if kind == "small":
-                job, color = small_job(i)
-                api.add_job(job_id, job)
-                final = wait_for(lambda: api.final(job_id), 120)
-                if not (final and "error" not in final.get("output", {}) and small_ok(final["output"], color)):
-                    failures.append(f"{job_id}: {str(final)[:300]}")
-            elif kind == "video":
-                api.add_job(job_id, video_job(i))
-                final = wait_for(lambda: api.final(job_id), 300)
-                if not (final and "error" not in final.get("output", {}) and video_ok(final["output"])):
-                    failures.append(f"{job_id}: {str(final)[:300]}")
-            elif kind == "cancel":
-                api.add_job(job_id, {"workflow": sampler_graph(ENDLESS_STEPS)})
-                if not wait_for(lambda: any(b.get("output", {}).get("step") for b in api.posts_for(job_id)), 120):
-                    failures.append(f"{job_id}: never reached a step")
-                api.stop_job(job_id)
-                if not wait_for(lambda: queue_empty(comfy.url), 30):
-                    failures.append(f"{job_id}: its prompt stayed in ComfyUI's queue")
-                time.sleep(1)  # a result posted late would show now
-                if api.final(job_id) is not None:
-                    failures.append(f"{job_id}: a cancelled job posted a result")
-            else:
-                api.add_job(job_id, {"workflow": sampler_graph(ENDLESS_STEPS)})
-                final = wait_for(lambda: api.final(job_id), TIMEOUT_S + 120)
-                error = json.loads(final["error"]) if final and isinstance(final.get("error"), str) else {}
-                if error.get("type") != "timeout":
-                    failures.append(f"{job_id}: {str(final)[:300]}")
+            failure = one_job(api, comfy, f"soak-{i}-{kind}", kind, i)
+            if failure:
+                failures.append(failure)
             counts[kind] += 1
             if i + 1 == args.warmup:
                 warm = holdings(worker.pid)
