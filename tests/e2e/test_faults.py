@@ -2,6 +2,12 @@
 connections, hanging without an answer, answering garbage, losing its WebSocket for good;
 S3 going down while outputs upload; jobs cancelled or timed out while still queued.
 
+The faults inside ComfyUI (refusing, hanging, garbage, a fault at a given sampler step) use
+the fake's controls and run on the fake leg only: a real server cannot be told to hang its HTTP
+while its WebSocket stays open, or to fail at step 2. The same faults on the wire, and ComfyUI
+killed, run on both legs in test_wire_faults.py and test_comfyui_killed.py; the tests here that
+need no control of the fake (`any_comfy`: queued jobs stopped, S3 failing) run on both legs too.
+
 Each test checks the job ends with the right error type, that it left no file, no prompt in
 ComfyUI's queue, no thread and no child process behind, and that the next job succeeds. How
 long a job took is never measured against this machine's speed: a job bounded by a timeout
@@ -42,6 +48,7 @@ from tests.jobkit import (
     png_b64,
     queue_ids,
     sampler_graph,
+    sampling,
     sampling_fake,
     settings,
     wait_until,
@@ -64,6 +71,14 @@ def comfy(fake_comfyui: ComfyTarget) -> Iterator[ComfyTarget]:
         # A refused or hung server answers again once its fault's duration is over.
         wait_until(lambda: answers(f"{fake.url}/__fake__/fault"), 15, "the fake answering")
         clear_faults(fake.url)
+
+
+@pytest.fixture
+def any_comfy(comfyui: ComfyTarget) -> Iterator[ComfyTarget]:
+    """Either leg's ComfyUI running sampler_graph: for the tests that need none of the fake's
+    fault controls."""
+    with sampling(comfyui, step_delay_s=0.05) as target:
+        yield target
 
 
 @pytest.fixture
@@ -257,7 +272,10 @@ async def test_websocket_lost_for_good_fails_the_job_within_the_reconnect_window
     before.assert_nothing_left(comfy, tmp_path / "work", "ws-lost", "next")
 
 
-async def test_cancel_while_queued_takes_the_prompt_out_of_comfyuis_queue(comfy: ComfyTarget, tmp_path: Path) -> None:
+async def test_cancel_while_queued_takes_the_prompt_out_of_comfyuis_queue(
+    any_comfy: ComfyTarget, tmp_path: Path
+) -> None:
+    comfy = any_comfy
     service = Service(settings(comfy, tmp_path))
     before = await warm(service)
     first_running = threading.Event()
@@ -290,7 +308,10 @@ async def test_cancel_while_queued_takes_the_prompt_out_of_comfyuis_queue(comfy:
     await succeeds(service)
 
 
-async def test_cancelling_the_task_of_a_queued_job_dequeues_it(comfy: ComfyTarget, tmp_path: Path) -> None:
+async def test_cancelling_the_task_of_a_queued_job_dequeues_it(
+    any_comfy: ComfyTarget, tmp_path: Path
+) -> None:
+    comfy = any_comfy
     # The RunPod SDK cancels a job by cancelling its asyncio task.
     service = Service(settings(comfy, tmp_path))
     before = await warm(service)
@@ -309,7 +330,10 @@ async def test_cancelling_the_task_of_a_queued_job_dequeues_it(comfy: ComfyTarge
     before.assert_nothing_left(comfy, tmp_path / "work", "long-2", "queued-2")
 
 
-async def test_timeout_while_queued_dequeues_the_prompt(comfy: ComfyTarget, tmp_path: Path) -> None:
+async def test_timeout_while_queued_dequeues_the_prompt(
+    any_comfy: ComfyTarget, tmp_path: Path
+) -> None:
+    comfy = any_comfy
     service = Service(settings(comfy, tmp_path))
     impatient = Service(settings(comfy, tmp_path, job_timeout_s=2.0))
     before = await warm(service)
@@ -344,8 +368,9 @@ def moto_on(port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 async def test_s3_down_during_upload_is_a_storage_error_and_the_next_job_succeeds_once_it_is_back(
-    comfy: ComfyTarget, tmp_path: Path
+    any_comfy: ComfyTarget, tmp_path: Path
 ) -> None:
+    comfy = any_comfy
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     s3 = S3Settings(bucket="faults", endpoint_url=endpoint, region=REGION, access_key_id=ACCESS_KEY,
@@ -375,7 +400,10 @@ async def test_s3_down_during_upload_is_a_storage_error_and_the_next_job_succeed
         await succeeds_to_s3(service, "back")
 
 
-async def test_an_output_that_cannot_be_stored_stops_the_prompt_early(comfy: ComfyTarget, tmp_path: Path) -> None:
+async def test_an_output_that_cannot_be_stored_stops_the_prompt_early(
+    any_comfy: ComfyTarget, tmp_path: Path
+) -> None:
+    comfy = any_comfy
     # Nothing listens at the store: the first output's upload fails within seconds, while the
     # sampler after it would run for minutes more. The job must not wait for it.
     endpoint = f"http://127.0.0.1:{free_port()}"
