@@ -38,8 +38,12 @@ RECV_POLL_S = 0.25
 # Without any message for this long we ask /history: cheap insurance against a lost message.
 RECONCILE_AFTER_S = 5.0
 RECONNECT_FOR_S = 15.0
-# An interrupt takes effect between nodes; a node that never checks runs to its end first.
-STOP_GRACE_S = 60.0
+# An interrupt takes effect only between nodes: a node that never checks runs to its end first,
+# and ComfyUI prepares its caches for the whole graph before the first node, checking nothing
+# (32 s for a 600-node chain on a 2-core CPU). A stopped job waits this long for ComfyUI to
+# confirm, then ends anyway: its prompt is handed over (`disown`) to the next job, which stops
+# it again and lets its files and LoRA pins go once it has left ComfyUI.
+STOP_GRACE_S = 3.0
 # ComfyUI sends `progress_state`, the state of every node begun so far, as each node starts and
 # ends: bytes that grow with the square of a graph's size (72 MB over a 600-node chain), more
 # than this worker parses as fast as ComfyUI sends them, which left a backlog between a stop and

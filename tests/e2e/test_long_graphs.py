@@ -8,7 +8,6 @@ measured is ComfyUI's handling of many nodes, not a model.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
@@ -67,22 +66,13 @@ async def test_progress_moves_through_a_600_node_graph(comfy: ComfyTarget, tmp_p
     assert updates[-1]["stage"] == "uploading" and updates[-1]["percent"] >= 95
 
 
-async def moving_after(service: Service) -> float:
-    """Seconds from a chain job's start to its first report of nodes done (the job runs to its end)."""
-    t0 = time.monotonic()
-    seen: list[float] = []
-
-    def on_progress(update: dict[str, Any]) -> None:
-        if update["stage"] == "running" and update["percent"] > 5 and not seen:
-            seen.append(time.monotonic() - t0)
-
-    result = await service.run("measure", chain_job(), on_progress)
-    assert "error" not in result and seen, result
-    return seen[0]
-
-
-@pytest.mark.parametrize("how", ["cancel", "timeout"])
-async def test_a_600_node_graph_stops_soon_after_the_signal(comfy: ComfyTarget, tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize("when", ["preparing", "running", "timeout"])
+async def test_a_600_node_graph_stops_soon_after_the_signal(comfy: ComfyTarget, tmp_path: Path, when: str) -> None:
+    """`preparing` is the case seen to fail: cancelled as its execution starts, while ComfyUI
+    prepares its caches for all 600 nodes (32 s on a 2-core CPU), when it checks no interrupt.
+    The job ended only when the first node ran, 25 s after the cancel (and had every node been
+    cached, its prompt would have succeeded). `timeout` is a 1 s DIFFBOX_JOB_TIMEOUT_S, which falls
+    there too on the real leg; `running` is a cancel once nodes are done."""
     service = Service(settings(comfy, tmp_path))
     await next_job_succeeds(service)  # the worker's pools are part of the baseline
     before = Baseline.take()
@@ -90,37 +80,19 @@ async def test_a_600_node_graph_stops_soon_after_the_signal(comfy: ComfyTarget, 
     signalled: list[float] = []
 
     def on_progress(update: dict[str, Any]) -> None:
-        # Once nodes are done, the messages of hundreds more are on their way: the case seen to
-        # fail (the worker read them slower than ComfyUI sent them, and the one saying that the
-        # interrupt took effect came after all of them).
-        if how == "cancel" and update["stage"] == "running" and update["percent"] > 5 and not signalled:
+        if when == "timeout" or signalled or update["stage"] != "running":
+            return
+        if when == "preparing" or update["percent"] > 5:
             signalled.append(time.monotonic())
             stop.set()
 
-    stopper = service
-    if how == "timeout":
-        # A deadline as far into the job as the cancel's signal.
-        stopper = Service(settings(comfy, tmp_path, job_timeout_s=await moving_after(service)))
+    stopper = Service(settings(comfy, tmp_path, job_timeout_s=1.0)) if when == "timeout" else service
     t0 = time.monotonic()
     result = await stopper.run("long", chain_job(), on_progress, stop)
     ended = time.monotonic()
-    assert result["error"]["type"] == ("cancelled" if how == "cancel" else "timeout"), result
-    signal_at = signalled[0] if how == "cancel" else t0 + stopper.settings.job_timeout_s
+    assert result["error"]["type"] == ("timeout" if when == "timeout" else "cancelled"), result
+    signal_at = t0 + 1.0 if when == "timeout" else signalled[0]
     assert ended - signal_at < STOP_WITHIN_S, f"stopped {ended - signal_at:.1f} s after the signal"
-    before.assert_nothing_left(comfy, tmp_path / "work", "long", "measure")
+    # The next job runs (after the prompt, stopped, has left ComfyUI) and leaves nothing either.
     await next_job_succeeds(service)
-
-
-async def test_a_cancel_while_comfyui_prepares_a_long_graph_stops_it(comfy: ComfyTarget, tmp_path: Path) -> None:
-    # Cancelled at once, while ComfyUI still validates and prepares the prompt.
-    service = Service(settings(comfy, tmp_path))
-    await next_job_succeeds(service)
-    before = Baseline.take()
-    stop = threading.Event()
-    job = asyncio.ensure_future(service.run("early", chain_job(), stop=stop))
-    await asyncio.sleep(0)
-    stop.set()
-    result = await job
-    assert result["error"]["type"] == "cancelled", result
-    before.assert_nothing_left(comfy, tmp_path / "work", "early")
-    await next_job_succeeds(service)
+    before.assert_nothing_left(comfy, tmp_path / "work", "long", "next")
