@@ -109,9 +109,10 @@ class FaultProxy:
         elif self._listener is None:
             self._listen()
 
-    def open_links(self) -> int:
+    def open_links(self, websocket: bool) -> int:
+        """Open connections: WebSockets, or the others."""
         with self._lock:
-            return sum(1 for link in self._links if not link.closed)
+            return sum(1 for link in self._links if not link.closed and link.websocket == websocket)
 
     def close(self) -> None:
         self._stopped = True
