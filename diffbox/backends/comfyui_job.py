@@ -40,7 +40,7 @@ RECONCILE_AFTER_S = 5.0
 RECONNECT_FOR_S = 15.0
 # An interrupt takes effect only between nodes: a node that never checks runs to its end first,
 # and ComfyUI prepares its caches for the whole graph before the first node, checking nothing
-# (32 s for a 600-node chain on a 2-core CPU). A stopped job waits this long for ComfyUI to
+# (12 s to 32 s for a 600-node chain on a 2-core CPU). A stopped job waits this long for ComfyUI to
 # confirm, then ends anyway: its prompt is handed over (`disown`) to the next job, which stops
 # it again and lets its files and LoRA pins go once it has left ComfyUI.
 STOP_GRACE_S = 3.0
