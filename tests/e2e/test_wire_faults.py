@@ -120,63 +120,51 @@ def assert_sampled(result: dict[str, Any]) -> None:
     assert image["filename"].startswith("sampled_") and decoded(image["data"]).size == (64, 64)
 
 
-async def test_a_websocket_reset_mid_sampling_reconnects_and_the_job_completes(
-    proxied: tuple[ComfyTarget, FaultProxy], tmp_path: Path
-) -> None:
+async def completes_despite(proxied: tuple[ComfyTarget, FaultProxy], tmp_path: Path, job_id: str,
+                            fault: Any, undo: Any = lambda: None) -> None:
+    """A sampler job meets `fault` at its first step and still completes correctly (`undo` ends
+    the fault after it); the next job is correct, and nothing is left."""
     comfy, proxy = proxied
     service = Service(settings(comfy, tmp_path))
     watch = await warm(service, comfy, proxy)
-    resets: list[int] = []
-    result = await sample_with(service, "ws-reset", lambda: resets.append(proxy.reset_websockets()))
-    assert resets == [1]
-    assert_sampled(result)
+    try:
+        assert_sampled(await sample_with(service, job_id, fault))
+    finally:
+        undo()
     await correct_invert(service, "next")
-    watch.assert_nothing_left(tmp_path, "ws-reset", "next")
+    watch.assert_nothing_left(tmp_path, job_id, "next")
+
+
+async def test_a_websocket_reset_mid_sampling_reconnects_and_the_job_completes(
+    proxied: tuple[ComfyTarget, FaultProxy], tmp_path: Path
+) -> None:
+    resets: list[int] = []
+    await completes_despite(proxied, tmp_path, "ws-reset", lambda: resets.append(proxied[1].reset_websockets()))
+    assert resets == [1]
 
 
 async def test_every_connection_reset_mid_sampling_and_the_job_completes(
     proxied: tuple[ComfyTarget, FaultProxy], tmp_path: Path
 ) -> None:
-    comfy, proxy = proxied
-    service = Service(settings(comfy, tmp_path))
-    watch = await warm(service, comfy, proxy)
-    result = await sample_with(service, "all-reset", proxy.reset_all)
-    assert_sampled(result)
-    await correct_invert(service, "next")
-    watch.assert_nothing_left(tmp_path, "all-reset", "next")
+    await completes_despite(proxied, tmp_path, "all-reset", proxied[1].reset_all)
 
 
 async def test_a_stalled_websocket_is_reconciled_from_history(
     proxied: tuple[ComfyTarget, FaultProxy], tmp_path: Path, short_waits: None
 ) -> None:
-    comfy, proxy = proxied
-    service = Service(settings(comfy, tmp_path))
-    watch = await warm(service, comfy, proxy)
-    try:
-        # Silent from the first step on: the job learns of its end from /history.
-        result = await sample_with(service, "stalled", lambda: proxy.stall_websockets(True))
-        assert_sampled(result)
-    finally:
-        proxy.stall_websockets(False)
-    await correct_invert(service, "next")
-    watch.assert_nothing_left(tmp_path, "stalled", "next")
+    # Silent from the first step on: the job learns of its end from /history.
+    proxy = proxied[1]
+    await completes_despite(proxied, tmp_path, "stalled", lambda: proxy.stall_websockets(True),
+                            lambda: proxy.stall_websockets(False))
 
 
 async def test_garbage_after_the_prompt_is_queued_leaves_the_job_done_and_cleaned_up(
     proxied: tuple[ComfyTarget, FaultProxy], tmp_path: Path
 ) -> None:
-    comfy, proxy = proxied
-    service = Service(settings(comfy, tmp_path))
-    watch = await warm(service, comfy, proxy)
-    try:
-        # Its messages and outputs come over the WebSocket: no HTTP answer is needed to finish;
-        # the clean-up that meets the garbage is left to the next job.
-        result = await sample_with(service, "garbled", lambda: proxy.garbage(True))
-        assert_sampled(result)
-    finally:
-        proxy.garbage(False)
-    await correct_invert(service, "next")
-    watch.assert_nothing_left(tmp_path, "garbled", "next")
+    # Its messages and outputs come over the WebSocket: no HTTP answer is needed to finish; the
+    # clean-up that meets the garbage is left to the next job.
+    proxy = proxied[1]
+    await completes_despite(proxied, tmp_path, "garbled", lambda: proxy.garbage(True), lambda: proxy.garbage(False))
 
 
 async def test_refused_for_good_mid_sampling_fails_the_job_and_the_next_one_runs_once_it_is_back(
