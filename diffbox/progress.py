@@ -73,6 +73,7 @@ class ProgressTracker:
         # The sampler node whose steps are coming in: a new one is news worth an update at once
         # (a few quick steps would otherwise all fall inside one throttle interval, unseen).
         self._sampling: str | None = None
+        self._executing: str | None = None
 
     def set_graph(self, graph: dict[str, dict[str, Any]], node_clip: dict[str, int] | None = None,
                   clips: int = 0) -> None:
@@ -111,6 +112,11 @@ class ProgressTracker:
                         self._done.add(str(node_id))
             elif kind == "executing" and data.get("node") is not None:
                 node_id = str(data["node"])
+                # ComfyUI runs one node at a time: the one before has ended. (Its progress_state
+                # says so too, but the worker reads only some of those; see comfyui_job.py.)
+                if self._executing is not None:
+                    self._done.add(self._executing)
+                self._executing = node_id
                 self._detail = self._describe(node_id)
             elif kind == "progress":
                 node_id = str(data.get("node"))

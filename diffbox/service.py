@@ -351,8 +351,10 @@ class _Job:
         if self.uploads is not None:
             self.uploads.close()  # no upload may still be reading a file removed below
         shutil.rmtree(self.dir, ignore_errors=True)  # named after the job id, which a caller may reuse
-        if self.loras is not None:
-            self.loras.release()  # the cache may evict them again once ComfyUI is done with them
+        if self.loras is not None and (self.prompt_run is None or self.prompt_run.finished):
+            # The cache may evict them again once ComfyUI is done with them: now, unless the
+            # prompt may still run (then once it has left ComfyUI, see _release_comfyui).
+            self.loras.release()
         if later:
             # A moment later: the result's way out (the platform's event loop) needs the GIL
             # too, and a clean-up competing for it would delay the result by milliseconds.
@@ -371,7 +373,8 @@ class _Job:
         if run is None:
             return
         if not run.finished:
-            comfy.disown(run.prompt_id, self.ctx.subfolder)  # the next job stops it, cleans up after it
+            # The next job stops it and cleans up after it, its LoRAs' pins included.
+            comfy.disown(run.prompt_id, self.ctx.subfolder, self.loras.release if self.loras else None)
             return
         try:
             comfy.client.forget(run.prompt_id)

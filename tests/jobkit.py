@@ -161,9 +161,11 @@ class Baseline:
 
     def leaked_threads(self) -> list[str]:
         # New threads, and any thread (the event loop's reusable pool included) still in diffbox code.
+        # A test's fault proxy (tests/faultproxy.py) starts threads per connection: not the worker's.
         return [t.name for t in threading.enumerate()
                 if t.is_alive() and t is not threading.current_thread()
-                and ((t not in self.threads and not t.name.startswith("asyncio_")) or _runs_diffbox_code(t))]
+                and ((t not in self.threads and not t.name.startswith(("asyncio_", "faultproxy")))
+                     or _runs_diffbox_code(t))]
 
     def new_children(self) -> list[str]:
         return [f"{p.pid} {p.name()}" for p in psutil.Process().children(recursive=True)

@@ -16,6 +16,7 @@ outputs included, so it does not read `/history` back on success.
 from __future__ import annotations
 
 import json
+import logging
 import select
 import threading
 import time
@@ -37,8 +38,20 @@ RECV_POLL_S = 0.25
 # Without any message for this long we ask /history: cheap insurance against a lost message.
 RECONCILE_AFTER_S = 5.0
 RECONNECT_FOR_S = 15.0
-# An interrupt takes effect between nodes; a node that never checks runs to its end first.
-STOP_GRACE_S = 60.0
+# An interrupt takes effect only between nodes: a node that never checks runs to its end first,
+# and ComfyUI prepares its caches for the whole graph before the first node, checking nothing
+# (12 s to 32 s for a 600-node chain on a 2-core CPU). A stopped job waits this long for ComfyUI to
+# confirm, then ends anyway: its prompt is handed over (`disown`) to the next job, which stops
+# it again and lets its files and LoRA pins go once it has left ComfyUI.
+STOP_GRACE_S = 3.0
+# ComfyUI sends `progress_state`, the state of every node begun so far, as each node starts and
+# ends: bytes that grow with the square of a graph's size (72 MB over a 600-node chain), more
+# than this worker parses as fast as ComfyUI sends them, which left a backlog between a stop and
+# the message saying it took effect. Each one supersedes the one before, so one is read in this
+# interval and the others are skipped unparsed (recognized by how ComfyUI's json.dumps begins one;
+# should that ever change, every message is parsed, as before).
+STATE_PREFIX = '{"type": "progress_state"'
+STATE_EVERY_S = 0.25
 
 OnMessage = Callable[[str, dict[str, Any]], None]
 OnOutput = Callable[[str, dict[str, Any]], None]
@@ -152,6 +165,7 @@ class PromptRun:
         self._cached: frozenset[str] = frozenset()
         self._seen_outputs: dict[str, dict[str, Any]] = {}
         self._dropped = False  # the socket dropped once: messages may have been lost
+        self._state_read_at = float("-inf")
 
     def run(self, graph: dict[str, Any]) -> Outcome:
         taken = self.sockets.take() if self.sockets is not None else None
@@ -213,6 +227,10 @@ class PromptRun:
             last_message = time.monotonic()
             if isinstance(raw, bytes):
                 continue  # preview frames: not part of any result
+            if raw.startswith(STATE_PREFIX):
+                if last_message - self._state_read_at < STATE_EVERY_S:
+                    continue
+                self._state_read_at = last_message
             message = json.loads(raw)
             kind, data = message.get("type"), message.get("data") or {}
             if data.get("prompt_id") != prompt_id:
@@ -255,6 +273,7 @@ class PromptRun:
     def _outcome(self, prompt_id: str, status: Literal["success", "error", "interrupted"],
                  error: dict[str, Any] | None = None, confirmed: bool = True,
                  entry: dict[str, Any] | None = None) -> Outcome:
+        logs.event(log, "prompt ended", level=logging.DEBUG, prompt_id=prompt_id, status=status, confirmed=confirmed)
         if entry is None:
             entry = self._history(prompt_id, wait=status == "success")
         self.finished = confirmed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -52,8 +53,9 @@ class ComfyServer:
         # and an early job goes out as soon as it answers.
         self.supervisor = Supervisor("comfyui", self.client.probe, process, probe_every_s=0.02)
         self.input_dir, self.output_dir, self.temp_dir = self._folders(settings)
-        # Prompts of ended jobs that ComfyUI may still run: prompt id -> the job's folder.
-        self._orphans: dict[str, str] = {}
+        # Prompts of ended jobs that ComfyUI may still run: prompt id -> the job's folder, and
+        # what to let go once the prompt has left ComfyUI (its LoRAs' cache pins).
+        self._orphans: dict[str, tuple[str, Callable[[], None] | None]] = {}
         self._lock = threading.Lock()
 
     def preload(self, timeout_s: float) -> bool:
@@ -115,11 +117,12 @@ class ComfyServer:
             if root is not None:
                 shutil.rmtree(root / subfolder, ignore_errors=True)
 
-    def disown(self, prompt_id: str, subfolder: str) -> None:
+    def disown(self, prompt_id: str, subfolder: str, on_gone: Callable[[], None] | None = None) -> None:
         """Hand over a prompt whose job ended before ComfyUI said the prompt had (it hung or
-        dropped us): it may still be queued, or run and write into the job's folder."""
+        dropped us): it may still be queued, or run and write into the job's folder, and read
+        the files `on_gone` lets go (called once the prompt has left ComfyUI)."""
         with self._lock:
-            self._orphans[prompt_id] = subfolder
+            self._orphans[prompt_id] = (subfolder, on_gone)
 
     def reap(self) -> None:
         """Stop disowned prompts, and once they have ended remove their files and history, so
@@ -132,12 +135,14 @@ class ComfyServer:
                 return
             try:
                 running, pending = self.client.queue()
-                for prompt_id, subfolder in list(orphans.items()):
+                for prompt_id, (subfolder, on_gone) in list(orphans.items()):
                     if prompt_id in pending:
                         self.client.delete_queued(prompt_id)
                     elif prompt_id in running:
                         self.client.interrupt(prompt_id)
                     else:
+                        if on_gone is not None:
+                            on_gone()
                         self.remove_job_files(subfolder)
                         self.client.forget(prompt_id)
                         del orphans[prompt_id]

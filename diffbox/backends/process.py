@@ -27,6 +27,9 @@ TAIL_LINES = 40
 # A server that answered once and now has not for this long, its process alive, is hung (a
 # deadlocked node, a wedged driver): it is restarted, or every later job would wait for it.
 HUNG_AFTER_S = 60.0
+# Words in the names of variables that carry credentials (AWS_SECRET_ACCESS_KEY, HF_TOKEN,
+# CIVITAI_TOKEN, a secret's own names): a name with none of them is not recognized as one.
+CREDENTIAL_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
 
 
 class ServerProcess:
@@ -88,6 +91,9 @@ class ServerProcess:
         self._tail.clear()
         env = self._environment()
         if hold:
+            # A held process is in the memory snapshot: no GPU, and no credential (it gets the
+            # container's whole environment after the restore, from release()).
+            env = {k: v for k, v in env.items() if not any(word in k.upper() for word in CREDENTIAL_WORDS)}
             env["CUDA_VISIBLE_DEVICES"] = ""
         # A new session makes the server and its children (vLLM spawns workers) one group
         # we can signal together, and keeps the worker's own Ctrl-C away from them.

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from diffbox.config import Settings
 from diffbox.service import Service
 from diffbox.workflows.chat import presets
 from tests.chatworker import MODEL, ChatWorker, vllm_group
-from tests.conftest import TEST_INPUT, ComfyTarget, free_port
+from tests.conftest import TEST_INPUT, ComfyTarget
 
 # Two vLLM starts (the second after the kill) on a busy 2-core machine take minutes.
 pytestmark = pytest.mark.timeout(400)
@@ -139,12 +140,17 @@ async def test_bad_messages_are_refused_before_vllm_is_called(chat_worker: ChatW
     assert error["message"] == "messages.1.role: Input should be 'system', 'user' or 'assistant'"
     assert chat_worker.error({"messages": [{"role": "user"}]})["message"] == "messages.0.content: Field required"
     assert chat_worker.metric("vllm:request_success_total") == before
-    # Refused before even waiting for vLLM: a worker whose vLLM never answers refuses at once.
-    silent = Service(Settings(backends=["vllm"], vllm_url=f"http://127.0.0.1:{free_port()}", startup_timeout_s=1))
-    t0 = time.monotonic()
-    refused = await silent.run("bad", {"workflow": "chat", "messages": [{"role": "wizard", "content": "x"}]})
-    assert refused["error"]["type"] == "validation" and time.monotonic() - t0 < 0.5
-    assert (await silent.run("good", PLAIN))["error"]["type"] == "timeout"
+    # Refused before even waiting for vLLM: a worker whose vLLM never answers refuses without
+    # connecting to it (the listener below never accepts; a connection would wait in its backlog).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        silent = Service(Settings(backends=["vllm"], vllm_url=f"http://127.0.0.1:{listener.getsockname()[1]}",
+                                  startup_timeout_s=1))
+        refused = await silent.run("bad", {"workflow": "chat", "messages": [{"role": "wizard", "content": "x"}]})
+        assert refused["error"]["type"] == "validation"
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert (await silent.run("good", PLAIN))["error"]["type"] == "timeout"  # nothing listens there now
     # vLLM's own refusals name the field too.
     error = chat_worker.error({**PLAIN, "max_tokens": 300})  # more than --max-model-len 256
     assert error["type"] == "validation" and error["message"].startswith("max_tokens: ")

@@ -1,8 +1,9 @@
 """Progress, cancellation, timeouts and backend failures, through `Service` in this process.
 
-These need the fake ComfyUI: a sampler that runs without weights, and fault injection
-(dying mid-job, dropping the WebSocket). The service is the real one, talking HTTP and
-WebSocket to the fake as it would to ComfyUI.
+Progress, cancel and timeout run on both legs (on the real one the sampler is tests/comfyui_env's
+tiny checkpoint). The two that inject a fault at a given sampler step (a dropped WebSocket, ComfyUI
+dying) need the fake's controls; their real-leg counterparts are test_wire_faults.py and
+test_comfyui_killed.py, which act when the first step is reported.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ from diffbox.service import Service
 from tests.conftest import TEST_INPUT, ComfyTarget, free_port
 from tests.fakes.comfyui import write_comfyui_dir
 from tests.fakes.comfyui.faults import set_fault
-from tests.jobkit import sampler_graph, sampling_fake, settings
+from tests.jobkit import sampler_graph, sampling, sampling_fake, settings
 
 
 @pytest.fixture
-def comfy(fake_comfyui: ComfyTarget) -> Iterator[ComfyTarget]:
+def comfy(comfyui: ComfyTarget) -> Iterator[ComfyTarget]:
+    with sampling(comfyui, step_delay_s=0.05) as target:
+        yield target
+
+
+@pytest.fixture
+def fake_comfy(fake_comfyui: ComfyTarget) -> Iterator[ComfyTarget]:
     with sampling_fake(fake_comfyui, step_delay_s=0.05) as fake:
         yield fake
 
@@ -112,7 +119,8 @@ async def test_timeout_interrupts_and_reports(comfy: ComfyTarget, tmp_path: Path
     await _next_job_succeeds(Service(settings(comfy, tmp_path)))
 
 
-async def test_dropped_websocket_reconnects_and_finishes(comfy: ComfyTarget, tmp_path: Path) -> None:
+async def test_dropped_websocket_reconnects_and_finishes(fake_comfy: ComfyTarget, tmp_path: Path) -> None:
+    comfy = fake_comfy
     service = Service(settings(comfy, tmp_path))
     set_fault(comfy.url, "drop_ws", node_class="KSampler", step=2)
     result = await service.run("dropped", {"workflow": sampler_graph(6)})

@@ -14,10 +14,13 @@ from typing import Any
 
 import pytest
 
+from diffbox.backends import comfyui_job
 from diffbox.inputs.urls import UrlPolicy
+from diffbox.loras.cache import LoraCache
 from diffbox.service import Service
 from tests.conftest import ComfyTarget
 from tests.e2e import test_workflows_e2e
+from tests.fakes.comfyui.faults import set_config
 from tests.fakes.hf_hub import FakeHub, serve_fake_hub
 from tests.jobkit import job_files, png_b64, queue_ids, settings, wait_until
 from tests.lorafiles import CIVITAI_TOKEN, HF_TOKEN, lora_bytes, pickle_bytes
@@ -253,6 +256,36 @@ async def test_a_cancel_while_downloading_stops_the_job(comfy: ComfyTarget, hub:
         "cancel", i2v({"source": "hf://someone/cancel/c.safetensors"}), stop=stop)
     assert result["error"]["type"] == "cancelled"
     assert cached(models) == set()
+
+
+async def test_a_stopped_jobs_loras_stay_pinned_until_its_prompt_has_left_comfyui(
+        comfy: ComfyTarget, hub: FakeHub, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fake's node_delay_s is a node's own work, deaf to an interrupt for 5 s: the cancelled
+    # job gives up waiting after STOP_GRACE_S while its prompt still runs and reads the LoRA.
+    # (A real ComfyUI node cannot be made to ignore an interrupt on purpose.)
+    monkeypatch.setattr(comfyui_job, "STOP_GRACE_S", 0.5)
+    sha = publish(hub, "someone/held", "h.safetensors", lora_bytes(6))
+    svc = service(comfy, tmp_path, hub)
+    stop = threading.Event()
+
+    def on_progress(update: dict[str, Any]) -> None:
+        if update["stage"] == "running":
+            stop.set()
+
+    set_config(comfy.url, node_delay_s=5.0)
+    try:
+        result = await svc.run("held", i2v({"source": "hf://someone/held/h.safetensors"}), on_progress, stop)
+        assert result["error"]["type"] == "cancelled", result
+        [prompt] = queue_ids(comfy.url)[0]  # still running: the window
+        evictor = LoraCache(models / "loras", budget_bytes=0)
+        assert evictor.evict() == [] and cached(models) == {f"{sha}.safetensors"}
+        await asyncio.to_thread(wait_until, lambda: queue_ids(comfy.url) == ([], []), 30, f"{prompt} ended")
+    finally:
+        set_config(comfy.url, node_delay_s=0.0)
+    # The next job finds the prompt gone and lets its pins go: the entry may now be evicted.
+    assert "error" not in await svc.run("after-held", i2v())
+    assert evictor.evict() == [sha] and cached(models) == set()
+    nothing_left(comfy, tmp_path, "held", "after-held")
 
 
 def test_replace_keeps_policy_fields() -> None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import subprocess
 import sys
 import threading
@@ -366,5 +367,88 @@ def test_a_failed_preload_leaves_comfyui_to_start_whole_after_the_restore(comfyu
         result = _find_callables_for_obj(worker, F.CALLABLE_INTERFACE)["run"](TEST_INPUT["input"])
         assert "error" not in result, result
         assert comfyui_preload.READY not in worker.service.comfy.supervisor.process.tail()
+    finally:
+        worker.service.stop()
+
+
+# -- the CPU snapshot's preload on this leg's ComfyUI: the real one's main.py on the real leg --
+
+SECRET = "container-secret-0123456789"
+
+
+@pytest.fixture
+def comfyui_of_this_leg(comfyui: ComfyTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Modal container where the worker starts ComfyUI itself (DIFFBOX_COMFYUI_DIR, as Modal
+    deploys it): the fake's main.py, or on the real leg the real ComfyUI's own (its cuda_malloc.py
+    prologue and torch included, its folders here). A credential is in the environment, as a
+    Modal secret puts it there."""
+    env = {"DIFFBOX_COMFYUI_PORT": str(free_port()), "DIFFBOX_WORK_DIR": str(tmp_path / "work"),
+           "DIFFBOX_STARTUP_TIMEOUT_S": "240"}
+    if comfyui.is_fake:
+        comfy_dir = tmp_path / "ComfyUI"
+        write_comfyui_dir(comfy_dir)
+        env.update(DIFFBOX_COMFYUI_DIR=str(comfy_dir), DIFFBOX_MODELS_DIR=str(comfy_dir / "models"),
+                   DIFFBOX_COMFYUI_ARGS="--cpu")
+    else:
+        from tests.realcomfy import installed, prepare_folders, server_args
+
+        install, base = installed(), tmp_path / "real"
+        prepare_folders(base, install)
+        env.update(DIFFBOX_COMFYUI_DIR=str(install.comfy_dir), DIFFBOX_COMFYUI_PYTHON=str(install.python),
+                   DIFFBOX_MODELS_DIR=str(base / "models"), DIFFBOX_COMFYUI_ARGS=shlex.join(server_args(base)))
+    as_container(monkeypatch, env)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setattr(modal_app, "progress", FakeDict())
+
+
+def held_environ(pid: int) -> dict[str, str]:
+    return dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+
+
+def test_cpu_snapshot_phase_preloads_this_legs_comfyui_holding_no_socket_or_credential(
+        comfyui: ComfyTarget, comfyui_of_this_leg: None) -> None:
+    worker = modal_app.Worker._get_user_cls()()
+    enter(worker, F.ENTER_PRE_SNAPSHOT)
+    try:
+        process = worker.service.comfy.supervisor.process
+        held = psutil.Process(process.pid)
+        assert comfyui_preload.READY in process.tail(), process.tail()
+        environ = held_environ(held.pid)
+        assert environ["CUDA_VISIBLE_DEVICES"] == ""
+        # The snapshot holds this process's memory: no credential may be in it (the container's
+        # environment reaches it after the restore).
+        assert SECRET not in "\0".join(environ.values())
+        assert held.net_connections("inet") == [] and held.children() == []
+        if not comfyui.is_fake:
+            # The real first half: ComfyUI's prologue ran and torch is loaded, with no GPU.
+            maps = Path(f"/proc/{held.pid}/maps").read_text()
+            assert "libtorch_cpu" in maps
+        enter(worker, F.ENTER_POST_SNAPSHOT)
+        result = _find_callables_for_obj(worker, F.CALLABLE_INTERFACE)["run"](TEST_INPUT["input"])
+        assert "error" not in result, result
+        assert result["images"] and all(i["data"] for i in result["images"])
+        assert process.pid == held.pid and held.is_running()  # the held process finished its start
+    finally:
+        worker.service.stop()
+
+
+def test_a_cuda_query_during_the_real_preload_is_caught_and_comfyui_starts_whole_after_the_restore(
+        real_comfyui: ComfyTarget, comfyui_of_this_leg: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A package of the preload's list (torchaudio: not installed in the test's ComfyUI, so the
+    # stand-in shadows nothing) that asks CUDA for its devices when imported, as some do.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "torchaudio.py").write_text("import torch\n\ntorch.cuda.is_available()\n")
+    monkeypatch.setenv("PYTHONPATH", str(shadow))
+    worker = modal_app.Worker._get_user_cls()()
+    enter(worker, F.ENTER_PRE_SNAPSHOT)
+    try:
+        process = worker.service.comfy.supervisor.process
+        assert not process.started()
+        assert "diffbox-preload: CUDA queried while the GPU is hidden, by torchaudio" in process.tail()
+        enter(worker, F.ENTER_POST_SNAPSHOT)
+        result = _find_callables_for_obj(worker, F.CALLABLE_INTERFACE)["run"](TEST_INPUT["input"])
+        assert "error" not in result, result
+        assert comfyui_preload.READY not in process.tail()
     finally:
         worker.service.stop()

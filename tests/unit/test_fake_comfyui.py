@@ -33,6 +33,7 @@ from PIL import Image
 
 from tests.fakes.comfyui import FakeComfyUIProcess, start_fake_comfyui, write_comfyui_dir
 from tests.fakes.comfyui.faults import clear_faults, get_config, get_faults, set_config, set_fault
+from tests.jobkit import wait_until
 
 RECORDED = Path(__file__).resolve().parents[1] / "fakes" / "comfyui" / "recorded"
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}")
@@ -790,13 +791,22 @@ def test_dropped_websocket_mid_sampler_and_reconnect(fake: Fake, weights: Path) 
     assert get_faults(fake.url)["armed"] == []
 
 
+def answers_json(url: str) -> bool:
+    try:
+        requests.get(url, timeout=TIMEOUT).json()
+        return True
+    except (requests.RequestException, ValueError):
+        return False
+
+
 def test_http_faults_and_config(fake: Fake) -> None:
-    set_fault(fake.url, "garbage_http", duration_s=0.2)
+    # Durations long enough that the first request always lands inside them; their end is waited for.
+    set_fault(fake.url, "garbage_http", duration_s=2)
     garbage = requests.get(f"{fake.url}/system_stats", timeout=TIMEOUT)
     assert garbage.status_code == 200
     with pytest.raises(ValueError):
         garbage.json()
-    time.sleep(0.25)
+    wait_until(lambda: answers_json(f"{fake.url}/prompt"), 10, "garbage over")
     assert requests.get(f"{fake.url}/prompt", timeout=TIMEOUT).json()["exec_info"]["queue_remaining"] == 0
 
     set_fault(fake.url, "hang")
@@ -805,11 +815,11 @@ def test_http_faults_and_config(fake: Fake) -> None:
     clear_faults(fake.url)
     assert requests.get(f"{fake.url}/prompt", timeout=TIMEOUT).status_code == 200
 
-    set_fault(fake.url, "refuse", duration_s=0.3)
-    time.sleep(0.1)
+    set_fault(fake.url, "refuse", duration_s=5)  # the listener closes just after this answer
+    wait_until(lambda: not answers_json(f"{fake.url}/prompt"), 5, "refusing")
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{fake.url}/prompt", timeout=TIMEOUT)
-    time.sleep(0.3)
+    wait_until(lambda: answers_json(f"{fake.url}/prompt"), 10, "listening again")
     assert requests.get(f"{fake.url}/prompt", timeout=TIMEOUT).status_code == 200
 
     with pytest.raises(RuntimeError, match="unknown config key"):
