@@ -35,7 +35,7 @@ class OutputOptions(Strict):
 class Output(BaseModel):
     """One output file, as the result contract describes it."""
 
-    kind: Literal["image", "video", "audio", "file"]
+    kind: Literal["image", "video", "audio", "file"] = Field(description="What the file holds, by its type.")
     filename: str = Field(description="The file's name as ComfyUI saved it.")
     content_type: str = Field(description="Its media type (image/png, video/mp4, ...).")
     bytes: int = Field(description="Its size.")
@@ -56,7 +56,8 @@ class Progress(BaseModel):
     """One progress update (DESIGN.md section 4); callers keep the highest `seq`."""
 
     seq: int = Field(description="Rises with each update; updates can arrive out of order: keep the highest.")
-    stage: Literal["starting", "inputs", "downloading", "queued", "running", "uploading", "cancelled", "timeout"]
+    stage: Literal["starting", "inputs", "downloading", "queued", "running", "uploading", "cancelled",
+                   "timeout"] = Field(description="Where the job is.")
     percent: float = Field(description="Only rises; weighted by where the time goes (sampler steps dominate).")
     node: str | None = Field(default=None, description="The ComfyUI node running.")
     step: int | None = Field(default=None, description="The sampler's step.")

@@ -66,16 +66,16 @@ Stop = Annotated[str | list[str] | None, BeforeValidator(_check_stop),
 
 
 class TextPart(Strict):
-    type: Literal["text"]
-    text: LongText
+    type: Literal["text"] = Field(description="Always \"text\".")
+    text: LongText = Field(description="The text.")
 
 
 class Message(Strict):
     """One OpenAI-format message; only text (the chat models served here read no images)."""
 
-    role: Literal["system", "user", "assistant"]
-    content: LongText | list[TextPart]
-    name: str | None = Field(default=None, max_length=64)
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: LongText | list[TextPart] = Field(description="The text, or a list of text parts.")
+    name: str | None = Field(default=None, max_length=64, description="A name for the speaker, for the chat template.")
 
     @field_validator("content", mode="before")
     @classmethod
@@ -97,7 +97,7 @@ _PARTS = TypeAdapter(list[TextPart])
 
 
 class ChatRequest(Strict):
-    workflow: Literal["chat"]
+    workflow: Literal["chat"] = Field(description="Selects this workflow.")
     messages: list[Message] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES,
                                            description="The conversation, in OpenAI's format.")
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT, validate_default=True,
@@ -105,7 +105,8 @@ class ChatRequest(Strict):
     max_tokens: int = Field(default=512, ge=1, le=MAX_TOKENS, description="At most this many (and what the context "
                             "leaves).")
     temperature: float = Field(default=0.7, ge=0, le=2, description="0 is greedy.")
-    top_p: float = Field(default=0.9, gt=0, le=1)
+    top_p: float = Field(default=0.9, gt=0, le=1, description="Nucleus sampling: only the most likely tokens whose "
+                         "probabilities add up to this.")
     stop: Stop = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Same seed, same text (temperature > 0).")
     stream: bool = Field(default=False, description="Stream the text as {\"delta\"} chunks.")
@@ -149,40 +150,50 @@ class ChatRequest(Strict):
 class SamplingParams(Strict):
     """The official vLLM worker's `sampling_params` that vLLM's OpenAI server takes."""
 
-    max_tokens: int = Field(default=WORKER_DEFAULT_MAX_TOKENS, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = None
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=16)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    length_penalty: float | None = None
-    use_beam_search: bool | None = None
+    max_tokens: int = Field(default=WORKER_DEFAULT_MAX_TOKENS, ge=1,
+                            description="At most this many tokens (the official vLLM worker's default).")
+    temperature: float | None = Field(default=None, ge=0, description="Randomness of sampling; 0 is greedy.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling: only the most likely "
+                                "tokens whose probabilities add up to this.")
+    top_k: int | None = Field(default=None, description="Only the k most likely tokens.")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="Drops tokens less likely than this "
+                                "fraction of the most likely one.")
+    n: int | None = Field(default=None, ge=1, le=16, description="How many completions.")
+    presence_penalty: float | None = Field(default=None, description="Penalises tokens that have appeared.")
+    frequency_penalty: float | None = Field(default=None, description="Penalises tokens by how often they appeared.")
+    repetition_penalty: float | None = Field(default=None, gt=0, description="Scales repeated tokens' "
+                                             "likelihood down (1: no penalty).")
+    length_penalty: float | None = Field(default=None, description="Beam search's penalty on length.")
+    use_beam_search: bool | None = Field(default=None, description="Beam search instead of sampling.")
     stop: Stop = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = None
-    min_tokens: int | None = Field(default=None, ge=0)
-    seed: int | None = None
-    skip_special_tokens: bool | None = None
-    spaces_between_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
+    stop_token_ids: list[int] | None = Field(default=None, description="Token ids that end the generation.")
+    ignore_eos: bool | None = Field(default=None, description="Go on past the end-of-sequence token.")
+    min_tokens: int | None = Field(default=None, ge=0, description="At least this many tokens before a stop counts.")
+    seed: int | None = Field(default=None, description="Same seed, same text.")
+    skip_special_tokens: bool | None = Field(default=None, description="Leave special tokens out of the text.")
+    spaces_between_special_tokens: bool | None = Field(default=None, description="Spaces between special "
+                                                       "tokens in the text.")
+    include_stop_str_in_output: bool | None = Field(default=None, description="Keep the stop string that "
+                                                    "ended the text.")
 
 
 class VllmWorkerRequest(Strict):
     """The official RunPod vLLM worker's input (no `workflow`), for its users to switch unchanged."""
 
-    messages: list[Message] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
-    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
-    sampling_params: SamplingParams = Field(default_factory=SamplingParams)
-    stream: bool = False
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES,
+                                           description="The conversation, in OpenAI's format.")
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT,
+                               description="A plain prompt, completed as it is (or see apply_chat_template).")
+    sampling_params: SamplingParams = Field(default_factory=SamplingParams,
+                                            description="vLLM's sampling settings, passed on as given.")
+    stream: bool = Field(default=False, description="Stream the text in chunks.")
     apply_chat_template: bool = Field(default=False, description="Put prompt through the chat template.")
     # The official worker groups streamed tokens into batches; here each chunk vLLM streams is
     # one chunk, so these are taken for compatibility and have no effect.
-    max_batch_size: int | None = None
-    min_batch_size: int | None = None
-    batch_size_growth_factor: float | None = None
+    max_batch_size: int | None = Field(default=None, description="Taken for compatibility; no effect here.")
+    min_batch_size: int | None = Field(default=None, description="Taken for compatibility; no effect here.")
+    batch_size_growth_factor: float | None = Field(default=None, description="Taken for compatibility; no effect "
+                                                   "here.")
     openai_route: str | None = Field(default=None, validate_default=True,
                                      description="An OpenAI route of vLLM: " + ", ".join(OPENAI_ROUTES))
     openai_input: dict[str, Any] | None = Field(default=None, validate_default=True,

@@ -18,8 +18,8 @@ FLF2V_PRESETS: Presets = {"fast": Preset(4, 2, 1.0, 5.0, True), "quality": Prese
 
 
 class I2VRequest(WanRequest):
-    workflow: Literal["i2v"]
-    prompt: Prompt
+    workflow: Literal["i2v"] = Field(description="Selects this workflow.")
+    prompt: Prompt = Field(description="What happens in the video.")
     frames: int = Field(default=81, description="4n+1, 5 to 161.")
     end_image: str | None = Field(default=None, description="Optional last frame (first-last-frame video).")
 

@@ -59,15 +59,16 @@ class QwenLora(LoraEntry):
 
 
 class QwenEditRequest(TypedRequest):
-    workflow: Literal["qwen_edit"]
+    workflow: Literal["qwen_edit"] = Field(description="Selects this workflow.")
     images: list[str] = Field(min_length=1, max_length=3, description="1 to 3 images; the first is edited.")
     prompt: Prompt = Field(description="The edit instruction.")
-    negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
+    negative_prompt: str = Field(default="", max_length=PROMPT_MAX,
+                                 description="What the edited image should not show.")
     width: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default: the "
                               "FluxKontextImageScale size nearest the first image's aspect (about 1 MP).")
     height: int | None = Field(default=None, description="Multiple of 8, 256 to 2048; default: the "
                                "FluxKontextImageScale size nearest the first image's aspect (about 1 MP).")
-    model: Model = "2511"
+    model: Model = Field(default="2511", description="The Qwen Image Edit release: 2511 or 2509.")
     steps: int | None = Field(default=None, ge=1, le=100, description="Overrides the preset.")
     cfg: float | None = Field(default=None, ge=0.0, le=30.0, description="Overrides the preset.")
     loras: list[QwenLora] = loras_field()

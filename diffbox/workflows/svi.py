@@ -37,7 +37,7 @@ CLIP_STRIDE = 100  # clip k's nodes are numbered from CLIP_STRIDE * k (svi_clip.
 
 
 class SviRequest(WanRequest):
-    workflow: Literal["svi"]
+    workflow: Literal["svi"] = Field(description="Selects this workflow.")
     prompts: list[Prompt] | None = Field(default=None, min_length=1, max_length=MAX_CLIPS,
                                          description="One prompt per clip.")
     # The cross-field rules below sit on fields (validated in this order, defaults included)

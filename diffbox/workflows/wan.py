@@ -41,10 +41,11 @@ Presets = dict[str, Preset]
 class WanRequest(TypedRequest):
     workflow: str
     image: str = Field(min_length=1, description="The start image: https:// or s3:// URL, data URI or base64.")
-    negative_prompt: str = Field(default=DEFAULT_NEGATIVE, max_length=PROMPT_MAX)
+    negative_prompt: str = Field(default=DEFAULT_NEGATIVE, max_length=PROMPT_MAX,
+                                 description="What the video should not show (default: the official template's).")
     width: int | None = Field(default=None, description="Multiple of 16, 256 to 1280; default from the image.")
     height: int | None = Field(default=None, description="Multiple of 16, 256 to 1280; default from the image.")
-    fps: int = Field(default=16, ge=1, le=60)
+    fps: int = Field(default=16, ge=1, le=60, description="Frames per second of the video.")
     steps: int | None = Field(default=None, ge=2, le=100, description="Overrides the preset; switch at half.")
     cfg: float | None = Field(default=None, ge=0.0, le=30.0, description="Overrides the preset.")
     shift: float | None = Field(default=None, gt=0.0, le=100.0, description="Overrides the preset.")
