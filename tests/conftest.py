@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from tests.urlserver import NetGuard
 
 if TYPE_CHECKING:
     from tests.chatworker import ChatWorker
+    from tests.fakes.runpod_api import FakeRunpodApi
 
 REPO = Path(__file__).resolve().parent.parent
 # Every worker log the suite writes; pytest_sessionfinish checks them for secrets (loghygiene.py).
@@ -213,6 +215,35 @@ def rp_api(comfyui: ComfyTarget, tmp_path_factory: pytest.TempPathFactory) -> It
     api = start_runpod_api(worker_env(comfyui, tmp / "work"), tmp / "handler.log")
     yield api
     api.stop()
+
+
+@pytest.fixture(scope="module")
+def runpod_api() -> Iterator[FakeRunpodApi]:
+    """RunPod's job API on loopback (tests/fakes/runpod_api.py), for production-loop workers."""
+    from tests.fakes.runpod_api import FakeRunpodApi
+
+    api = FakeRunpodApi().start()
+    yield api
+    api.close()
+
+
+@contextmanager
+def production_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python handler.py` as RunPod runs it, in the runpod SDK's production loop (the job API's
+    variables in `env`); its log joins the session's log check."""
+    WORKER_LOGS.append(log_path)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "handler.py"], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @pytest.fixture(scope="session")

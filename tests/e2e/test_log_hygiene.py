@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -20,7 +18,7 @@ import boto3
 from botocore.config import Config
 
 from diffbox.workflows import manifest
-from tests.conftest import REPO, TEST_INPUT, WORKER_LOGS, ComfyTarget, job_error, start_runpod_api, worker_env
+from tests.conftest import TEST_INPUT, ComfyTarget, job_error, production_worker, start_runpod_api, worker_env
 from tests.fakes.hf_hub import serve_fake_hub
 from tests.fakes.runpod_api import FakeRunpodApi
 from tests.jobkit import invert_job, png_b64
@@ -87,7 +85,8 @@ def test_the_scan_finds_what_it_looks_for(tmp_path: Path) -> None:
 
 
 
-def test_a_lora_from_the_hub_leaves_no_signed_url_in_runpods_log(fake_comfyui: ComfyTarget, tmp_path: Path) -> None:
+def test_a_lora_from_the_hub_leaves_no_signed_url_in_runpods_log(fake_comfyui: ComfyTarget, runpod_api: FakeRunpodApi,
+                                                                 tmp_path: Path) -> None:
     """The worker as RunPod runs it (its production loop prints what reaches the root logger):
     huggingface_hub fetches through httpx, which logs each request's URL at INFO, and the Hub
     answers a download with a signed CDN URL. (Fake leg: the stand-in nodes make the i2v job
@@ -96,27 +95,15 @@ def test_a_lora_from_the_hub_leaves_no_signed_url_in_runpods_log(fake_comfyui: C
     for f in manifest.load().required("i2v", "fast"):
         f.local_path(fake_comfyui.base_dir / "models").parent.mkdir(parents=True, exist_ok=True)
         f.local_path(fake_comfyui.base_dir / "models").touch()
-    api = FakeRunpodApi().start()
-    log_path = tmp_path / "worker.log"
-    WORKER_LOGS.append(log_path)
-    try:
-        with serve_fake_hub() as hub:
-            hub.add("someone/style", "style.safetensors", lora_bytes(5))
-            env = worker_env(fake_comfyui, tmp_path / "work", **api.env(), HF_ENDPOINT=hub.url,
-                             DIFFBOX_ALLOW_PRIVATE_URLS="1")
-            with log_path.open("wb") as log:
-                proc = subprocess.Popen([sys.executable, "handler.py"], cwd=REPO, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT)
-            try:
-                api.add_job("lora-log", {"workflow": "i2v", "image": IMAGE, "prompt": "x", "frames": 5,
-                                         "loras": [{"source": "hf://someone/style/style.safetensors"}]})
-                deadline = time.monotonic() + 120
-                while (final := api.final("lora-log")) is None and time.monotonic() < deadline:
-                    time.sleep(0.2)
-            finally:
-                proc.terminate()
-                proc.wait(15)
-    finally:
-        api.close()
+    with serve_fake_hub() as hub:
+        hub.add("someone/style", "style.safetensors", lora_bytes(5))
+        env = worker_env(fake_comfyui, tmp_path / "work", **runpod_api.env(), HF_ENDPOINT=hub.url,
+                         DIFFBOX_ALLOW_PRIVATE_URLS="1")
+        with production_worker(env, tmp_path / "worker.log"):
+            runpod_api.add_job("lora-log", {"workflow": "i2v", "image": IMAGE, "prompt": "x", "frames": 5,
+                                            "loras": [{"source": "hf://someone/style/style.safetensors"}]})
+            deadline = time.monotonic() + 120
+            while (final := runpod_api.final("lora-log")) is None and time.monotonic() < deadline:
+                time.sleep(0.2)
     assert final is not None and final["output"]["loras"][0]["cache_hit"] is False, final  # it was downloaded
-    assert scan([log_path]) == []
+    assert scan([tmp_path / "worker.log"]) == []

@@ -9,7 +9,6 @@ where RunPod's cancel really arrives (the job-stop channel cancels the handler's
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,31 +16,17 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import REPO, TEST_INPUT, ComfyTarget, worker_env
+from tests.conftest import TEST_INPUT, ComfyTarget, production_worker, worker_env
 from tests.fakes.runpod_api import FakeRunpodApi
 from tests.jobkit import sampler_graph, sampling
-
-
-@pytest.fixture(scope="module")
-def runpod_api() -> Iterator[FakeRunpodApi]:
-    api = FakeRunpodApi().start()
-    yield api
-    api.close()
 
 
 @pytest.fixture(scope="module")
 def worker(runpod_api: FakeRunpodApi, comfyui: ComfyTarget,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
     tmp = tmp_path_factory.mktemp("rp-loop")
-    env = worker_env(comfyui, tmp / "work", **runpod_api.env())
-    log = (tmp / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "handler.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with production_worker(worker_env(comfyui, tmp / "work", **runpod_api.env()), tmp / "worker.log") as proc:
+        yield proc
 
 
 def _wait_for(predicate: Any, timeout_s: float = 180) -> Any:

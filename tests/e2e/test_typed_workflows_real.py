@@ -20,7 +20,6 @@ import base64
 import io
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from PIL import Image, ImageChops, ImageStat
 
 from diffbox.config import Settings
 from diffbox.service import Service
-from tests.conftest import REPO, WORKER_LOGS, ComfyTarget, worker_env
+from tests.conftest import ComfyTarget, production_worker, worker_env
 from tests.fakes.hf_hub import FakeHub, serve_fake_hub
 from tests.fakes.runpod_api import FakeRunpodApi
 from tests.lorafiles import lora_bytes
@@ -116,28 +115,13 @@ def bucket(s3_server: S3Server) -> str:
 
 
 @pytest.fixture(scope="module")
-def runpod_api() -> Iterator[FakeRunpodApi]:
-    api = FakeRunpodApi().start()
-    yield api
-    api.close()
-
-
-@pytest.fixture(scope="module")
 def worker(typed_comfy: ComfyTarget, runpod_api: FakeRunpodApi, s3_server: S3Server, bucket: str, hub: FakeHub,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
     tmp = tmp_path_factory.mktemp("typed-real")
     env = worker_env(typed_comfy, tmp / "work", **runpod_api.env(), **s3_server.env(bucket),
                      HF_ENDPOINT=hub.url, DIFFBOX_ALLOW_PRIVATE_URLS="1", DIFFBOX_JOB_TIMEOUT_S="1800")
-    log_path = tmp / "worker.log"
-    WORKER_LOGS.append(log_path)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "handler.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with production_worker(env, tmp / "worker.log") as proc:
+        yield proc
 
 
 class Jobs:
