@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
+from diffbox.config import Settings
 from tests.s3 import S3Server, start_moto
 from tests.urlserver import NetGuard
 
@@ -244,6 +245,34 @@ def production_worker(env: dict[str, str], log_path: Path) -> Iterator[subproces
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture
+def own_comfyui(comfyui: ComfyTarget, tmp_path: Path) -> Iterator[tuple[Settings, Path]]:
+    """Settings for a worker that starts its own ComfyUI of this leg's kind, and the folder its
+    input, output and temp folders are in."""
+    port, work = free_port(), tmp_path / "work"
+    if comfyui.is_fake:
+        from tests.fakes.comfyui import write_comfyui_dir
+
+        base = tmp_path / "ComfyUI"
+        write_comfyui_dir(base)
+        (base / "models" / "checkpoints" / "tiny.safetensors").write_bytes(b"")
+        yield Settings(comfyui_dir=base, comfyui_port=port, work_dir=work, startup_timeout_s=60,
+                       comfyui_args=["--cpu"]), base
+        return
+    from tests.realcomfy import installed, prepare_folders, server_args
+
+    install, base = installed(), tmp_path / "real"
+    prepare_folders(base, install)
+    yield Settings(comfyui_dir=install.comfy_dir, comfyui_python=str(install.python), comfyui_port=port,
+                   comfyui_args=server_args(base), models_dir=base / "models", work_dir=work,
+                   startup_timeout_s=240), base
+
+
+def comfy_folder_files(base: Path) -> set[Path]:
+    """The files in a ComfyUI's input, output and temp folders."""
+    return {p for folder in ("input", "output", "temp") for p in (base / folder).rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="session")

@@ -9,45 +9,17 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
-import pytest
 
 from diffbox.config import Settings
 from diffbox.service import Service
-from tests.conftest import ComfyTarget, free_port
-from tests.fakes.comfyui import write_comfyui_dir
+from tests.conftest import comfy_folder_files
 from tests.jobkit import Baseline, invert_job, is_inversion_of, png_b64, sampler_graph, wait_until
 
 IMAGE = png_b64((250, 120, 3))
-
-
-@pytest.fixture
-def own_comfyui(comfyui: ComfyTarget, tmp_path: Path) -> Iterator[tuple[Settings, Path]]:
-    """Settings for a worker that starts its own ComfyUI of this leg's kind, and the folder its
-    input, output and temp folders are in."""
-    port, work = free_port(), tmp_path / "work"
-    if comfyui.is_fake:
-        base = tmp_path / "ComfyUI"
-        write_comfyui_dir(base)
-        (base / "models" / "checkpoints" / "tiny.safetensors").write_bytes(b"")
-        yield Settings(comfyui_dir=base, comfyui_port=port, work_dir=work, startup_timeout_s=60,
-                       comfyui_args=["--cpu"]), base
-        return
-    from tests.realcomfy import installed, prepare_folders, server_args
-
-    install, base = installed(), tmp_path / "real"
-    prepare_folders(base, install)
-    yield Settings(comfyui_dir=install.comfy_dir, comfyui_python=str(install.python), comfyui_port=port,
-                   comfyui_args=server_args(base), models_dir=base / "models", work_dir=work,
-                   startup_timeout_s=240), base
-
-
-def folder_files(base: Path) -> set[Path]:
-    return {p for folder in ("input", "output", "temp") for p in (base / folder).rglob("*") if p.is_file()}
 
 
 async def test_comfyui_killed_mid_sampling_fails_the_job_and_the_next_one_gets_a_fresh_comfyui(
@@ -80,7 +52,8 @@ async def test_comfyui_killed_mid_sampling_fails_the_job_and_the_next_one_gets_a
         assert supervisor.process.pid != pid  # type: ignore[union-attr]
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         # Its folders were empty before the first job: every job's files are gone again.
-        wait_until(lambda: folder_files(base) == set(), 10, f"the jobs' files removed: {folder_files(base)}")
+        wait_until(lambda: comfy_folder_files(base) == set(), 10,
+                   f"the jobs' files removed: {comfy_folder_files(base)}")
         assert not any((settings.work_dir / job).exists() for job in ("killed", "next"))
     finally:
         service.stop()
