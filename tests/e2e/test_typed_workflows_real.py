@@ -49,7 +49,9 @@ SVI = {"workflow": "svi", "prompts": [PROMPT, PROMPT], "frames_per_clip": 9, "wi
 QWEN = {"workflow": "qwen_edit", "prompt": "make it blue", "model": "2509", "width": 256, "height": 256, "seed": 11}
 # Layers of the stand-in models that a request's LoRA can name (make_typed_models.py's shapes).
 WAN_LAYER = ("diffusion_model.blocks.0.self_attn.q", 128)
-QWEN_LAYER = ("transformer_blocks.0.attn.to_q", 3072)
+# The attention's output layer: a change there reaches the image (one in to_q barely moves
+# near-uniform random attention, and the patched weight is rounded back to fp8).
+QWEN_LAYER = ("transformer_blocks.0.attn.to_out.0", 3072)
 SD15_LAYER = ("diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q", 320)  # of no Wan layer
 
 
@@ -105,7 +107,7 @@ def hub() -> Iterator[FakeHub]:
         served.add("diffbox/loras", "wan-high.safetensors", lora_bytes(1, WAN_LAYER[0], 4, WAN_LAYER[1], 0.5))
         served.add("diffbox/loras", "wan-low.safetensors", lora_bytes(2, WAN_LAYER[0], 4, WAN_LAYER[1], 0.5))
         served.add("diffbox/loras", "sd15.safetensors", lora_bytes(3, SD15_LAYER[0], 4, SD15_LAYER[1], 0.5))
-        served.add("diffbox/loras", "qwen.safetensors", lora_bytes(4, QWEN_LAYER[0], 4, QWEN_LAYER[1], 0.05))
+        served.add("diffbox/loras", "qwen.safetensors", lora_bytes(4, QWEN_LAYER[0], 4, QWEN_LAYER[1], 0.2))
         yield served
 
 
