@@ -171,9 +171,13 @@ class Baseline:
         return [f"{p.pid} {p.name()}" for p in psutil.Process().children(recursive=True)
                 if p.pid not in self.children and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
+    def wait_ended(self, children_s: float = 20, threads_s: float = 10) -> None:
+        """Every child process and thread started since the baseline has ended."""
+        wait_until(lambda: not self.new_children(), children_s, f"child processes ended: {self.new_children()}")
+        wait_until(lambda: not self.leaked_threads(), threads_s, f"threads ended: {self.leaked_threads()}")
+
     def assert_nothing_left(self, comfy: ComfyTarget, work_dir: Path, *job_ids: str, settle_s: float = 10) -> None:
-        wait_until(lambda: not self.leaked_threads(), settle_s, f"threads ended: {self.leaked_threads()}")
-        wait_until(lambda: not self.new_children(), settle_s, f"child processes ended: {self.new_children()}")
+        self.wait_ended(settle_s, settle_s)
         for job_id in job_ids:
             assert job_files(comfy, job_id) == [], job_id
             assert not (work_dir / job_id).exists(), job_id

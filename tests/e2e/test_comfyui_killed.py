@@ -57,5 +57,4 @@ async def test_comfyui_killed_mid_sampling_fails_the_job_and_the_next_one_gets_a
         assert not any((settings.work_dir / job).exists() for job in ("killed", "next"))
     finally:
         service.stop()
-    wait_until(lambda: not before.new_children(), 20, f"child processes ended: {before.new_children()}")
-    wait_until(lambda: not before.leaked_threads(), 10, f"threads ended: {before.leaked_threads()}")
+    before.wait_ended()

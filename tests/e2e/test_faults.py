@@ -219,8 +219,7 @@ async def test_comfyui_hung_for_good_is_restarted_for_the_next_job(
         assert not list((comfy_dir / "output" / "diffbox").glob("hung-for-good-*"))
     finally:
         service.stop()
-    wait_until(lambda: not before.new_children(), 10, f"child processes ended: {before.new_children()}")
-    wait_until(lambda: not before.leaked_threads(), 10, f"threads ended: {before.leaked_threads()}")
+    before.wait_ended(children_s=10)
 
 
 async def test_garbage_answers_fail_the_job_as_backend(comfy: ComfyTarget, tmp_path: Path) -> None:

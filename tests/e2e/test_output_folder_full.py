@@ -6,12 +6,16 @@ nothing of the failed job is left in ComfyUI's folders or the worker's, nor a th
 
 from __future__ import annotations
 
+import base64
+import io
 import random
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from diffbox.config import Settings
 from diffbox.service import Service
@@ -24,11 +28,6 @@ NOISE_SIZE = (384, 384)
 
 
 def noise_png() -> str:
-    import base64
-    import io
-
-    from PIL import Image
-
     rng = random.Random(7)
     pixels = bytes(rng.getrandbits(8) for _ in range(NOISE_SIZE[0] * NOISE_SIZE[1] * 3))
     image = Image.frombytes("RGB", NOISE_SIZE, pixels)
@@ -65,7 +64,7 @@ async def test_a_full_output_folder_fails_the_job_naming_the_node_and_the_next_o
         warm = await service.run("warm", invert_job(png_b64((9, 9, 9))))
         assert "error" not in warm, warm
         filler = small_output / "filler.bin"
-        free = _free_bytes(small_output)
+        free = shutil.disk_usage(small_output).free
         filler.write_bytes(b"\0" * max(0, free - 64 * 1024))  # 64 KB left: less than the noise's PNG
         files_before = comfy_folder_files(base)
 
@@ -85,20 +84,10 @@ async def test_a_full_output_folder_fails_the_job_naming_the_node_and_the_next_o
         assert not any((settings.work_dir / job).exists() for job in ("full", "room-again"))
     finally:
         service.stop()
-    wait_until(lambda: not before.new_children(), 20, f"child processes ended: {before.new_children()}")
-    wait_until(lambda: not before.leaked_threads(), 10, f"threads ended: {before.leaked_threads()}")
-
-
-def _free_bytes(path: Path) -> int:
-    import os
-
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
+    before.wait_ended()
 
 
 
 def test_the_noise_image_needs_more_room_than_is_left() -> None:
     """The check above can fail only if the job's PNG does not fit in what the filler leaves."""
-    import base64
-
     assert len(base64.b64decode(noise_png())) > 256 * 1024
