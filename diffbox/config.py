@@ -191,6 +191,18 @@ class Settings(BaseModel):
         description="requests run at cold start before the first job, comma-separated `workflow[:preset][:model]` "
                     "(e.g. `i2v:fast,qwen_edit:fast:2511`), so the first user does not pay for loading weights; the "
                     "time is logged and reported as `timings.warmup_s` of the first result")
+    prefetch: list[str] | None = setting(
+        None, env="DIFFBOX_PREFETCH", shown="the entries of `DIFFBOX_WARMUP`",
+        description="weights read into memory (the page cache) at cold start, in parallel and while ComfyUI starts, "
+                    "so the first job does not wait for a slow disk or network volume: `workflow[:preset][:model]` "
+                    "entries as in `DIFFBOX_WARMUP`, or `off` (docs/cold-start.md)")
+    prefetch_threads: int = setting(8, env="DIFFBOX_PREFETCH_THREADS", ge=1, le=64,
+                                    description="parallel reads of the prefetch (a network volume serves several "
+                                                "streams faster than one)")
+    prefetch_reserve_gb: float = setting(
+        4.0, env="DIFFBOX_PREFETCH_RESERVE_GB", ge=0,
+        description="memory the prefetch leaves free, for ComfyUI's own allocations: it reads only into memory "
+                    "that no one uses (not even the page cache) beyond this, and stops there")
     # Read by _s3_from_env from the variables of S3Settings' fields.
     s3: S3Settings | None = None
     # LoRAs requests bring (diffbox/loras): the cache's budget and one file's size cap.
@@ -238,6 +250,12 @@ class Settings(BaseModel):
             return False
         needed: Backend = "vllm" if workflow == "chat" else "comfyui"
         return needed in self.backends
+
+    def prefetch_entries(self) -> list[str]:
+        """DIFFBOX_PREFETCH's entries: the warm-up's unless it names its own, none when `off`."""
+        if self.prefetch is None:
+            return self.warmup
+        return [] if [entry.lower() for entry in self.prefetch] == ["off"] else self.prefetch
 
     def job_concurrency(self) -> int:
         """How many jobs the worker takes at once: DIFFBOX_CONCURRENCY where only vLLM runs

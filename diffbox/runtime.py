@@ -75,6 +75,8 @@ def start(instance: Service, snapshot: Snapshot = "none") -> None:
     # jitter, any library's choices) in step with every other container restored from it.
     random.seed()
     instance.restored(Settings.from_env())
+    if snapshot != "gpu":  # a GPU snapshot holds the weights loaded: nothing to read
+        instance.start_prefetch()
     comfy = instance.comfy
     if comfy is not None:
         comfy.release()

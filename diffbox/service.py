@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from . import chat, logs, warmup
+from . import chat, logs, prefetch, warmup
 from .backends.comfyui import FileRef, output_files
 from .backends.comfyui_job import Outcome, PromptRun, lost
 from .backends.comfyui_server import ComfyServer
@@ -70,6 +70,13 @@ class Service:
         self.url_policy = urls.UrlPolicy(allow_private=settings.allow_private_urls)
         self.lora_verdicts = unmatched.Verdicts()
         self._warmup_timings: dict[str, float] = {}
+        self._prefetch: prefetch.Prefetch | None = None
+
+    def start_prefetch(self) -> None:
+        """Start reading the weights the first job will need into memory (prefetch.py); returns
+        at once. Before ComfyUI starts, so that the reads overlap its start."""
+        if self.comfy is not None and self._prefetch is None:
+            self._prefetch = prefetch.start(self.settings)
 
     def start(self) -> None:
         """Cold start: launch every configured backend without waiting for any."""
@@ -100,6 +107,8 @@ class Service:
             self.comfy.sockets.close()
 
     def stop(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.stop()
         if self.comfy is not None:
             self.comfy.supervisor.stop()
         if self.vllm is not None:

@@ -31,6 +31,7 @@ import websocket
 from .. import logs
 from ..errors import JobError, backend
 from .comfyui import ComfyClient
+from .node_times import NodeTimes
 from .process import Supervisor
 
 log = logs.get("comfyui")
@@ -166,8 +167,10 @@ class PromptRun:
         self._seen_outputs: dict[str, dict[str, Any]] = {}
         self._dropped = False  # the socket dropped once: messages may have been lost
         self._state_read_at = float("-inf")
+        self.node_times = NodeTimes({})
 
     def run(self, graph: dict[str, Any]) -> Outcome:
+        self.node_times = NodeTimes(graph)
         taken = self.sockets.take() if self.sockets is not None else None
         if taken is not None:
             self.client_id, self.ws = taken
@@ -247,6 +250,7 @@ class PromptRun:
 
     def _handle(self, prompt_id: str, kind: str, data: dict[str, Any]) -> Outcome | None:
         self.on_message(kind, data)
+        self.node_times.on_message(kind, data)
         if kind == "execution_start":
             self._exec_start_ms = data.get("timestamp")
             self._started_at = time.monotonic()
@@ -274,6 +278,7 @@ class PromptRun:
                  error: dict[str, Any] | None = None, confirmed: bool = True,
                  entry: dict[str, Any] | None = None) -> Outcome:
         logs.event(log, "prompt ended", level=logging.DEBUG, prompt_id=prompt_id, status=status, confirmed=confirmed)
+        self.node_times.log(prompt_id)
         if entry is None:
             entry = self._history(prompt_id, wait=status == "success")
         self.finished = confirmed

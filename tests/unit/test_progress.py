@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffbox.backends.node_times import NodeTimes
 from diffbox.progress import ProgressTracker, node_weight
 from diffbox.throttle import Throttle
 
@@ -76,3 +77,12 @@ def test_throttle_lets_stage_changes_through() -> None:
     assert throttle.allow("uploading")
     clock.now = 1.0
     assert throttle.allow("uploading")
+
+
+def test_node_times_end_each_node_where_the_next_begins() -> None:
+    clock = iter([0.0, 1.5, 4.0, 4.25]).__next__
+    times = NodeTimes({"1": {"class_type": "CLIPLoader"}, "2": {"class_type": "CLIPTextEncode"}}, clock)
+    for kind, data in [("executing", {"node": "1"}), ("executing", {"node": "2"}), ("executed", {"node": "2"}),
+                       ("executing", {"node": "3"}), ("execution_success", {})]:
+        times.on_message(kind, data)
+    assert times.seconds == [("1", 1.5), ("2", 2.5), ("3", 0.25)]
