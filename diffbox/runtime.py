@@ -8,8 +8,9 @@ A container starts in two phases, so that Modal can take a memory snapshot betwe
   need no GPU, then waiting (comfyui_preload.py). For a GPU snapshot (the GPU is there
   before it), ComfyUI started, ready and warmed up, its connections closed.
 - `start`: what each container needs of its own, after every restore. Settings read again
-  (credentials, storage client), `random` reseeded, ComfyUI let finish its start, the rest
-  started (vLLM) and warmed up.
+  (credentials, storage client), `random` reseeded, the weights the first job will need read
+  into the page cache in the background (prefetch.py: a snapshot holds process memory, not the
+  page cache), ComfyUI let finish its start, the rest started (vLLM) and warmed up.
 
 RunPod has no snapshots: `service()` runs both phases at once, as soon as handler.py loads,
 so ComfyUI (and vLLM) boot while the platform is still connecting.
@@ -75,8 +76,8 @@ def start(instance: Service, snapshot: Snapshot = "none") -> None:
     # jitter, any library's choices) in step with every other container restored from it.
     random.seed()
     instance.restored(Settings.from_env())
-    if snapshot != "gpu":  # a GPU snapshot holds the weights loaded: nothing to read
-        instance.start_prefetch()
+    # A GPU snapshot holds the warm-up's weights loaded: those need no reading.
+    instance.start_prefetch(warmed=snapshot == "gpu")
     comfy = instance.comfy
     if comfy is not None:
         comfy.release()

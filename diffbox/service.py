@@ -72,11 +72,17 @@ class Service:
         self._warmup_timings: dict[str, float] = {}
         self._prefetch: prefetch.Prefetch | None = None
 
-    def start_prefetch(self) -> None:
+    def start_prefetch(self, warmed: bool = False) -> None:
         """Start reading the weights the first job will need into memory (prefetch.py); returns
-        at once. Before ComfyUI starts, so that the reads overlap its start."""
+        at once. Before ComfyUI starts, so that the reads overlap its start. `warmed`: the
+        warm-up's weights are loaded already (restored from a GPU snapshot taken after it)."""
+        entries = self.settings.prefetch_entries()
+        if warmed:
+            entries = [entry for entry in entries if entry not in self.settings.warmup]
         if self.comfy is not None and self._prefetch is None:
-            self._prefetch = prefetch.start(self.settings)
+            process = self.comfy.supervisor.process
+            self._prefetch = prefetch.start(self.settings, entries,
+                                            lambda: process.pid if process is not None else None)
 
     def start(self) -> None:
         """Cold start: launch every configured backend without waiting for any."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import subprocess
 import threading
@@ -33,6 +34,7 @@ from PIL import Image, ImageChops, ImageStat
 
 from diffbox.config import Settings
 from diffbox.service import Service
+from diffbox.workflows import manifest
 from tests.conftest import ComfyTarget, production_worker, worker_env
 from tests.fakes.hf_hub import FakeHub, serve_fake_hub
 from tests.fakes.runpod_api import FakeRunpodApi
@@ -117,22 +119,40 @@ def bucket(s3_server: S3Server) -> str:
 
 
 @pytest.fixture(scope="module")
+def worker_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("typed-real") / "worker.log"
+
+
+@pytest.fixture(scope="module")
 def worker(typed_comfy: ComfyTarget, runpod_api: FakeRunpodApi, s3_server: S3Server, bucket: str, hub: FakeHub,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
-    tmp = tmp_path_factory.mktemp("typed-real")
-    env = worker_env(typed_comfy, tmp / "work", **runpod_api.env(), **s3_server.env(bucket),
-                     HF_ENDPOINT=hub.url, DIFFBOX_ALLOW_PRIVATE_URLS="1", DIFFBOX_JOB_TIMEOUT_S="1800")
-    with production_worker(env, tmp / "worker.log") as proc:
+           worker_log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    # DEBUG: the prompts' node times, which say in which order ComfyUI loaded the weights.
+    env = worker_env(typed_comfy, worker_log.parent / "work", **runpod_api.env(), **s3_server.env(bucket),
+                     HF_ENDPOINT=hub.url, DIFFBOX_ALLOW_PRIVATE_URLS="1", DIFFBOX_JOB_TIMEOUT_S="1800",
+                     DIFFBOX_LOG_LEVEL="DEBUG")
+    with production_worker(env, worker_log) as proc:
         yield proc
 
 
 class Jobs:
     """Jobs through the production loop; each result kept, as later tests compare with earlier."""
 
-    def __init__(self, api: FakeRunpodApi, s3: S3Server) -> None:
+    def __init__(self, api: FakeRunpodApi, s3: S3Server, log: Path) -> None:
         self.api = api
         self.s3 = s3
+        self.log = log
         self.results: dict[str, dict[str, Any]] = {}
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size
+
+    def loaded(self, since: int) -> list[str]:
+        """The weight files ComfyUI's loaders read, in order, in the prompts logged after `since`."""
+        with self.log.open("rb") as f:
+            f.seek(since)
+            events = [json.loads(line) for line in f.read().decode().splitlines() if line.startswith("{")]
+        return [node["file"] for e in events if e["msg"] == "prompt node times" for node in e["nodes"]
+                if "file" in node]
 
     def run(self, job_id: str, job_input: dict[str, Any], timeout_s: float = 2300) -> dict[str, Any]:
         self.api.add_job(job_id, job_input)
@@ -167,8 +187,8 @@ class Jobs:
 
 
 @pytest.fixture(scope="module")
-def jobs(worker: subprocess.Popen[bytes], runpod_api: FakeRunpodApi, s3_server: S3Server) -> Jobs:
-    return Jobs(runpod_api, s3_server)
+def jobs(worker: subprocess.Popen[bytes], runpod_api: FakeRunpodApi, s3_server: S3Server, worker_log: Path) -> Jobs:
+    return Jobs(runpod_api, s3_server, worker_log)
 
 
 def sampler_progress(updates: list[dict[str, Any]], node: str) -> list[tuple[int, int]]:
@@ -179,7 +199,10 @@ def sampler_progress(updates: list[dict[str, Any]], node: str) -> list[tuple[int
 
 
 def test_i2v_fast_inline(jobs: Jobs) -> None:
+    mark = jobs.log_size()
     result = jobs.run("i2v-fast", {**WAN, "image": picture(1), "output": {"store": "inline"}})
+    # The first job on a freed ComfyUI loads every file, in the order the prefetch reads them.
+    assert jobs.loaded(mark) == [f.name for f in manifest.load().required("i2v", "fast")]
     assert (result["preset"], result["steps"], result["switch_step"]) == ("fast", 4, 2)
     frames, rate, duration = jobs.video("i2v-fast")
     assert [f.size for f in frames] == [(256, 256)] * 5
@@ -292,7 +315,9 @@ def qwen_jobs(jobs: Jobs, typed_comfy: ComfyTarget) -> Jobs:
 
 
 def test_qwen_edit_one_image_inline(qwen_jobs: Jobs) -> None:
+    mark = qwen_jobs.log_size()
     result = qwen_jobs.run("qwen-1", {**QWEN, "images": [picture(4, (256, 256))], "output": {"store": "inline"}})
+    assert qwen_jobs.loaded(mark) == [f.name for f in manifest.load().required("qwen_edit:2509", "fast")]
     assert (result["model"], result["steps"], result["width"], result["height"]) == ("2509", 4, 256, 256)
     image = qwen_jobs.image("qwen-1")
     assert image.size == (256, 256) and image.format == "PNG" and varied(image)

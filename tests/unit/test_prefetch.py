@@ -169,3 +169,42 @@ def test_the_service_prefetches_before_comfyui_starts_and_stops_with_it(tmp_path
     assert report is not None and report.ended == "done"
     assert [cached(path) for path in paths] == [CHUNK] * len(paths)
     service.stop()
+
+
+def test_after_a_gpu_snapshot_the_warm_up_weights_are_not_read(tmp_path: Path) -> None:
+    """A GPU snapshot is taken after the warm-up: its weights come back loaded, in VRAM."""
+    i2v_fast_on_disk(tmp_path / "models")
+    settings = Settings(comfyui_url="http://127.0.0.1:9", models_dir=tmp_path / "models", work_dir=tmp_path / "w",
+                        warmup=["i2v:fast"])
+    service = Service(settings)
+    service.start_prefetch(warmed=True)
+    assert service._prefetch is None
+    service = Service(settings.model_copy(update={"prefetch": ["i2v:fast", "i2v:quality"]}))
+    service.start_prefetch(warmed=True)
+    assert service._prefetch is not None and service._prefetch.wait(30) is not None
+    assert service._prefetch.files == prefetch.files_for(["i2v:quality"], settings)
+
+
+def test_a_file_the_loader_has_open_is_left_to_it(files: list[Path]) -> None:
+    """ComfyUI reads a file in its model's order; reads of it in the file's order would compete."""
+    with files[1].open("rb"):
+        busy = prefetch.files_in_use(os.getpid())
+        report = run(files, threads=1)
+        job = prefetch.Prefetch(files, 1, 0, in_use=lambda: busy, chunk_bytes=CHUNK).start()
+    assert report.left_bytes == 0  # no loader named: everything read
+    left = job.wait(30)
+    assert left is not None and left.ended == "done"
+    assert left.left_bytes == files[1].stat().st_size
+
+
+def test_files_in_use_sees_open_and_mapped_files(files: list[Path]) -> None:
+    key = (files[0].stat().st_dev, files[0].stat().st_ino)
+    assert key not in prefetch.files_in_use(os.getpid())
+    with files[0].open("rb") as f:
+        assert key in prefetch.files_in_use(os.getpid())
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    try:
+        assert key in prefetch.files_in_use(os.getpid())  # the file is closed, its mapping is not
+    finally:
+        mapped.close()
+    assert prefetch.files_in_use(None) == set()

@@ -81,8 +81,12 @@ def test_throttle_lets_stage_changes_through() -> None:
 
 def test_node_times_end_each_node_where_the_next_begins() -> None:
     clock = iter([0.0, 1.5, 4.0, 4.25]).__next__
-    times = NodeTimes({"1": {"class_type": "CLIPLoader"}, "2": {"class_type": "CLIPTextEncode"}}, clock)
+    graph = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5.safetensors", "type": "wan"}},
+             "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["1", 0]}}}
+    times = NodeTimes(graph, clock)
     for kind, data in [("executing", {"node": "1"}), ("executing", {"node": "2"}), ("executed", {"node": "2"}),
                        ("executing", {"node": "3"}), ("execution_success", {})]:
         times.on_message(kind, data)
-    assert times.seconds == [("1", 1.5), ("2", 2.5), ("3", 0.25)]
+    assert times.entries() == [{"node": "1", "class": "CLIPLoader", "s": 1.5, "file": "umt5.safetensors"},
+                               {"node": "2", "class": "CLIPTextEncode", "s": 2.5},
+                               {"node": "3", "class": None, "s": 0.25}]
