@@ -157,8 +157,8 @@ def run(install: Install, models: Path, join: Callable[[], None], work: Path,
                                      if e["msg"] == "start phase done" and e.get("phase") == "start")
     ended = [e for e in events if e["msg"] == "prefetch ended"]
     if ended:
-        figures["prefetch_read"] = {k: ended[0][k] for k in ("read_mb", "cached_mb", "left_mb", "seconds",
-                                                                 "read_mb_per_s", "ended")}
+        figures["prefetch_read"] = {k: ended[0][k] for k in ("read_mb", "cached_mb", "seconds", "read_mb_per_s",
+                                                                 "ended")}
     node_times = [e["nodes"] for e in events if e["msg"] == "prompt node times"]
     figures["first"] = breakdown(node_times[0], first, models)
     figures["warm"] = breakdown(node_times[1], second, models)
@@ -178,7 +178,8 @@ def breakdown(nodes: list[dict[str, Any]], result: dict[str, Any], models: Path)
             if node["class"] in classes:
                 stages[stage] = round(stages[stage] + node["s"], 2)
     timings = result.get("timings", {})
-    return {"loads": loads, **stages, "upload_s": timings.get("upload_s"), "comfyui_exec_s":
+    work = sum(node["s"] for node in nodes if "file" not in node)
+    return {"loads": loads, **stages, "work_s": round(work, 2), "upload_s": timings.get("upload_s"), "comfyui_exec_s":
             timings.get("comfyui_exec_s"), "job_total_s": timings.get("total_s")}
 
 
@@ -190,8 +191,7 @@ def show(figures: dict[str, Any], rate_mb: float | None, total_mb: float) -> Non
     if "prefetch_read" in figures:
         p = figures["prefetch_read"]
         print(f"prefetch                     {p['seconds']:8.2f} s  read {p['read_mb']} MB "
-              f"({p['read_mb_per_s']} MB/s), found cached {p['cached_mb']} MB, left to ComfyUI {p['left_mb']} MB, "
-              f"ended: {p['ended']}")
+              f"({p['read_mb_per_s']} MB/s), found cached {p['cached_mb']} MB, ended: {p['ended']}")
     for name in ("first", "warm"):
         part = figures[name]
         print(f"-- {name} job")
@@ -202,7 +202,16 @@ def show(figures: dict[str, Any], rate_mb: float | None, total_mb: float) -> Non
               + f", upload {part['upload_s']} s, in ComfyUI {part['comfyui_exec_s']} s")
     print(f"first job, from the worker's start  {figures['first_job_s']:8.2f} s")
     print(f"warm job                            {figures['warm_job_s']:8.2f} s")
+    # What the first job waited for (ComfyUI's start, the loads), apart from its work, whose
+    # time on a CPU varies from run to run by more than the loads take.
+    waited = figures["first_job_s"] - figures["first"]["work_s"]
+    figures["first_waited_s"] = round(waited, 2)
+    print(f"first job less its nodes' work      {waited:8.2f} s (ComfyUI's start and the loads; "
+          f"its work {figures['first']['work_s']:.2f} s, the warm job's {figures['warm']['work_s']:.2f} s)")
     if rate_mb:
+        figures["read_s"] = round(total_mb / rate_mb, 2)
+        print(f"floor: max(ComfyUI start, {total_mb:.0f} MB at {rate_mb:g} MB/s) = "
+              f"{max(figures['comfyui_ready_s'], figures['read_s']):.2f} s")
         goal = max(figures["comfyui_ready_s"], total_mb / rate_mb) + figures["warm_job_s"]
         figures["goal_s"] = round(goal, 2)
         print(f"goal: max(ComfyUI start, {total_mb:.0f} MB at {rate_mb:g} MB/s) + warm job = {goal:.2f} s; "

@@ -12,9 +12,7 @@ the first file listed is complete first.
 
 Bounds: it reads only into free memory (`pagecache.free_bytes`, less a reserve), so it never
 pushes out a page ComfyUI or anyone else holds, and it stops when that runs out. A chunk
-already in the cache is skipped. A file ComfyUI has begun to load (open or mapped in its
-process) is left to it: its loader reads in its own order (a model's, not the file's), and
-reads of the same file in the file's order would take the disk from it for bytes it wants last.
+already in the cache is skipped: once a job's own loads overtake it, the rest costs a look each.
 """
 
 from __future__ import annotations
@@ -41,41 +39,14 @@ READ_BYTES = 4 * MIB
 Ended = Literal["done", "memory", "stopped", "read error"]
 
 
-FileKey = tuple[int, int]  # (device, inode): a file however its path is spelled
-
-
 @dataclass(frozen=True)
 class Report:
     files: int
     total_bytes: int
     read_bytes: int  # read from the disk by the prefetch
     cached_bytes: int  # found in the cache already (an earlier read, or ComfyUI's own)
-    left_bytes: int  # of files ComfyUI was loading by then: left to it
     seconds: float
     ended: Ended
-
-
-def files_in_use(pid: int | None) -> set[FileKey]:
-    """The files process `pid` has open or mapped (Linux's /proc); none where that can't be read."""
-    keys: set[FileKey] = set()
-    if pid is None:
-        return keys
-    try:
-        with open(f"/proc/{pid}/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[4] != "0":
-                    major, minor = fields[3].split(":")
-                    keys.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
-        for entry in os.scandir(f"/proc/{pid}/fd"):
-            try:
-                stat = os.stat(entry.path)
-            except OSError:
-                continue  # closed meanwhile
-            keys.add((stat.st_dev, stat.st_ino))
-    except OSError:
-        pass
-    return keys
 
 
 def files_for(entries: Sequence[str], settings: Settings) -> list[Path]:
@@ -96,37 +67,27 @@ def files_for(entries: Sequence[str], settings: Settings) -> list[Path]:
     return [path for path in paths if path.is_file()]
 
 
-@dataclass(frozen=True)
-class _Opened:
-    fd: int
-    size: int
-    key: FileKey
+Chunk = tuple[int, int, int]  # a file descriptor, an offset in its file, a length
 
 
-Chunk = tuple[_Opened, int, int]  # the file, offset, length
-
-
-def _chunks(files: Sequence[_Opened], chunk_bytes: int) -> Iterator[Chunk]:
-    for opened in files:
-        for offset in range(0, opened.size, chunk_bytes):
-            yield opened, offset, min(chunk_bytes, opened.size - offset)
+def _chunks(files: Sequence[tuple[int, int]], chunk_bytes: int) -> Iterator[Chunk]:
+    for fd, size in files:
+        for offset in range(0, size, chunk_bytes):
+            yield fd, offset, min(chunk_bytes, size - offset)
 
 
 class Prefetch:
     def __init__(self, files: Sequence[Path], threads: int, reserve_bytes: int,
-                 free: Callable[[], int | None] = pagecache.free_bytes,
-                 in_use: Callable[[], set[FileKey]] = set, chunk_bytes: int = CHUNK_BYTES) -> None:
+                 free: Callable[[], int | None] = pagecache.free_bytes, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.files = list(files)
         self.threads = threads
         self.reserve_bytes = reserve_bytes
         self._free = free
-        self._in_use = in_use
         self._chunk_bytes = chunk_bytes
-        self._left: set[FileKey] = set()
         self._stop = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
-        self._read = self._cached = self._left_bytes = 0
+        self._read = self._cached = 0
         self._ended: Ended = "done"
         self.report: Report | None = None
 
@@ -150,13 +111,12 @@ class Prefetch:
 
     def _run(self) -> None:
         t0 = time.monotonic()
-        opened: list[_Opened] = []
+        opened: list[tuple[int, int]] = []
         try:
             for path in self.files:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                stat = os.fstat(fd)
-                opened.append(_Opened(fd, stat.st_size, (stat.st_dev, stat.st_ino)))
-            total = sum(f.size for f in opened)
+                opened.append((fd, os.fstat(fd).st_size))
+            total = sum(size for _, size in opened)
             logs.event(log, "prefetch started", files=len(opened), mb=round(total / MB), threads=self.threads)
             chunks = _chunks(opened, self._chunk_bytes)
             with ThreadPoolExecutor(self.threads, thread_name_prefix="prefetch") as pool:
@@ -166,13 +126,13 @@ class Prefetch:
             logs.event(log, "prefetch failed", level=30, error=str(exc))
             self._end("read error")
         finally:
-            for f in opened:
-                os.close(f.fd)
+            for fd, _ in opened:
+                os.close(fd)
             seconds = logs.since(t0)
-            self.report = Report(len(opened), sum(f.size for f in opened), self._read, self._cached,
-                                 self._left_bytes, seconds, self._ended)
+            self.report = Report(len(opened), sum(size for _, size in opened), self._read, self._cached,
+                                 seconds, self._ended)
             logs.event(log, "prefetch ended", ended=self._ended, read_mb=round(self._read / MB),
-                       cached_mb=round(self._cached / MB), left_mb=round(self._left_bytes / MB), seconds=seconds,
+                       cached_mb=round(self._cached / MB), seconds=seconds,
                        read_mb_per_s=round(self._read / MB / seconds) if seconds > 0 else None)
             self._done.set()
 
@@ -183,13 +143,7 @@ class Prefetch:
                 chunk = next(chunks, None)
             if chunk is None:
                 return
-            opened, offset, length = chunk
-            fd = opened.fd
-            if opened.key in self._left or opened.key in self._in_use():
-                with self._lock:
-                    self._left.add(opened.key)
-                    self._left_bytes += length
-                continue
+            fd, offset, length = chunk
             if pagecache.cached_bytes(fd, offset, length) >= length:
                 with self._lock:
                     self._cached += length
@@ -216,11 +170,9 @@ class Prefetch:
                 self._read += got
 
 
-def start(settings: Settings, entries: Sequence[str], loader_pid: Callable[[], int | None]) -> Prefetch | None:
-    """Start prefetching the files of `entries` in the background, leaving each file to the
-    process `loader_pid` names (ComfyUI) once it has it open; None when there are no files."""
+def start(settings: Settings, entries: Sequence[str]) -> Prefetch | None:
+    """Start prefetching the files of `entries` in the background; None when there are none."""
     files = files_for(entries, settings)
     if not files:
         return None
-    return Prefetch(files, settings.prefetch_threads, int(settings.prefetch_reserve_gb * 1024 * MIB),
-                    in_use=lambda: files_in_use(loader_pid())).start()
+    return Prefetch(files, settings.prefetch_threads, int(settings.prefetch_reserve_gb * 1024 * MIB)).start()

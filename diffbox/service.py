@@ -80,9 +80,7 @@ class Service:
         if warmed:
             entries = [entry for entry in entries if entry not in self.settings.warmup]
         if self.comfy is not None and self._prefetch is None:
-            process = self.comfy.supervisor.process
-            self._prefetch = prefetch.start(self.settings, entries,
-                                            lambda: process.pid if process is not None else None)
+            self._prefetch = prefetch.start(self.settings, entries)
 
     def start(self) -> None:
         """Cold start: launch every configured backend without waiting for any."""

@@ -184,27 +184,3 @@ def test_after_a_gpu_snapshot_the_warm_up_weights_are_not_read(tmp_path: Path) -
     assert service._prefetch is not None and service._prefetch.wait(30) is not None
     assert service._prefetch.files == prefetch.files_for(["i2v:quality"], settings)
 
-
-def test_a_file_the_loader_has_open_is_left_to_it(files: list[Path]) -> None:
-    """ComfyUI reads a file in its model's order; reads of it in the file's order would compete."""
-    with files[1].open("rb"):
-        busy = prefetch.files_in_use(os.getpid())
-        report = run(files, threads=1)
-        job = prefetch.Prefetch(files, 1, 0, in_use=lambda: busy, chunk_bytes=CHUNK).start()
-    assert report.left_bytes == 0  # no loader named: everything read
-    left = job.wait(30)
-    assert left is not None and left.ended == "done"
-    assert left.left_bytes == files[1].stat().st_size
-
-
-def test_files_in_use_sees_open_and_mapped_files(files: list[Path]) -> None:
-    key = (files[0].stat().st_dev, files[0].stat().st_ino)
-    assert key not in prefetch.files_in_use(os.getpid())
-    with files[0].open("rb") as f:
-        assert key in prefetch.files_in_use(os.getpid())
-        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-    try:
-        assert key in prefetch.files_in_use(os.getpid())  # the file is closed, its mapping is not
-    finally:
-        mapped.close()
-    assert prefetch.files_in_use(None) == set()
