@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -73,6 +74,10 @@ def test_i2v_after_warm_up(api: RunpodApi) -> None:
     assert "error" not in first, first
     assert first["timings"]["warmup_s"] > 0  # the warm-up ran before the worker took this job
     assert '"warm-up done"' in api.logs() and '"spec": "i2v:fast"' in api.logs()
+    # The warm-up's weights were read into memory from the worker's start (prefetch.py).
+    [started] = [json.loads(line) for line in api.logs().splitlines() if '"prefetch started"' in line]
+    [ended] = [json.loads(line) for line in api.logs().splitlines() if '"prefetch ended"' in line]
+    assert started["files"] == len(manifest.load().required("i2v", "fast")) and ended["ended"] == "done"
     assert {k: first[k] for k in ("workflow", "seed", "preset", "steps", "switch_step", "cfg", "width",
                                   "height", "frames", "fps")} == {
         "workflow": "i2v", "seed": 11, "preset": "fast", "steps": 4, "switch_step": 2, "cfg": 1.0,
