@@ -49,6 +49,7 @@ from diffbox.workflows import manifest  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.e2e.test_typed_workflows_real import WAN, picture  # noqa: E402
 from tests.fakes.runpod_api import FakeRunpodApi  # noqa: E402
+from tests.processes import stop as stop_process  # noqa: E402
 from tests.realcomfy import Install, installed, server_args, server_env  # noqa: E402
 from tests.s3 import S3Server, start_moto  # noqa: E402
 
@@ -146,11 +147,7 @@ def run(install: Install, models: Path, join: Callable[[], None], work: Path,
         figures["warm_job_s"] = round(time.time() - t1, 2)
     finally:
         stop.set()
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker, 30)
         api.close()
     events = [json.loads(line) for line in (work / "worker.log").read_text().splitlines() if line.startswith("{")]
     figures["worker_ready_s"] = next(round(e["ts"] - t0, 2) for e in events

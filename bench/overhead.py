@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import official_worker  # noqa: E402
+from tests import processes  # noqa: E402
 
 MB = 1024 * 1024
 SMALL_GOAL = VIDEO_GOAL = 0.5  # our overhead p50 at most this times the official worker's
@@ -138,13 +139,7 @@ class Worker:
         return self.log_path.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        processes.stop(self.proc)
 
 
 def start_worker(name: str, argv: list[str], env: dict[str, str], log_path: Path, port: int) -> Worker:

@@ -30,6 +30,7 @@ import pytest
 import requests
 
 from diffbox.config import Settings
+from tests import processes
 from tests.s3 import S3Server, start_moto
 from tests.urlserver import NetGuard
 
@@ -180,11 +181,7 @@ class RunpodApi:
 
     def stop(self) -> None:
         if not self._stopped:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            processes.stop(self.proc)
             self._stopped = True
 
 
@@ -239,12 +236,7 @@ def production_worker(env: dict[str, str], log_path: Path) -> Iterator[subproces
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        processes.stop(proc)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 
 from diffbox.model_paths import COMFY_FOLDERS, CONFIG_NAME, write_extra_model_paths
+from tests import processes
 
 CACHE = Path(os.environ.get("DIFFBOX_TEST_CACHE") or Path.home() / ".cache" / "diffbox-test")
 TINY_CHECKPOINT = "tiny.safetensors"
@@ -89,13 +90,7 @@ class RealComfyUI:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        processes.stop(self.proc, 20)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 import boto3  # type: ignore[import-untyped]
 import requests
 
+from tests import processes
+
 ACCESS_KEY = "AKIADIFFBOXTEST00000"
 SECRET_KEY = "diffbox-test-secret-never-logged"
 REGION = "us-east-1"
@@ -78,9 +80,4 @@ def start_moto(log_path: Path) -> Iterator[S3Server]:
                 time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc, 10)

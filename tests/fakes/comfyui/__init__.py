@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from tests import processes
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 GUI_LINE = re.compile(r"To see the GUI go to: (http://\S+)")
 MODEL_SUBFOLDERS = (
@@ -106,13 +108,7 @@ class FakeComfyUIProcess:
         raise RuntimeError(f"fake ComfyUI never answered /system_stats:\n{self.output()[-3000:]}")
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout_s)
+        processes.stop(self.proc, timeout_s)
         self._reader.join(timeout_s)
 
     def __enter__(self) -> FakeComfyUIProcess:
