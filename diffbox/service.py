@@ -28,6 +28,7 @@ from .backends.comfyui_job import Outcome, PromptRun, lost
 from .backends.comfyui_server import ComfyServer
 from .backends.vllm import VllmServer
 from .config import Settings
+from .deferred import Deferred
 from .errors import JobError, backend, validation
 from .inputs import urls
 from .inputs.media import InputImage, decode_image
@@ -71,6 +72,7 @@ class Service:
         self.lora_verdicts = unmatched.Verdicts()
         self._warmup_timings: dict[str, float] = {}
         self._prefetch: prefetch.Prefetch | None = None
+        self.after_results = Deferred(CLEANUP_DELAY_S)
 
     def start_prefetch(self, warmed: bool = False) -> None:
         """Start reading the weights the first job will need into memory (prefetch.py); returns
@@ -111,6 +113,7 @@ class Service:
             self.comfy.sockets.close()
 
     def stop(self) -> None:
+        self.after_results.flush()  # while the backends still answer
         if self._prefetch is not None:
             self._prefetch.stop()
         if self.comfy is not None:
@@ -371,9 +374,7 @@ class _Job:
         if later:
             # A moment later: the result's way out (the platform's event loop) needs the GIL
             # too, and a clean-up competing for it would delay the result by milliseconds.
-            timer = threading.Timer(CLEANUP_DELAY_S, self._release_comfyui)
-            timer.name = f"diffbox-cleanup-{self.ctx.job_id}"
-            timer.start()
+            self.service.after_results.later(self._release_comfyui, f"diffbox-cleanup-{self.ctx.job_id}")
         else:
             self._release_comfyui()
 

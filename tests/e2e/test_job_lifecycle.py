@@ -154,3 +154,16 @@ async def test_comfyui_dying_mid_job_fails_it_and_the_next_job_gets_a_fresh_one(
         assert service.comfy.supervisor.process.pid != first_pid  # type: ignore[union-attr]
     finally:
         service.stop()
+
+
+async def test_a_worker_stopped_just_after_a_result_cleans_up_before_it_stops(comfy: ComfyTarget,
+                                                                               tmp_path: Path) -> None:
+    """A job's clean-up in ComfyUI runs a moment after its result; a worker stopping in that
+    moment (the `diffbox` command after its one job) does it first, while ComfyUI still answers."""
+    service = Service(settings(comfy, tmp_path))
+    before = set(requests.get(f"{comfy.url}/history", timeout=5).json())
+    result = await service.run("stopping", TEST_INPUT["input"])
+    assert "error" not in result, result
+    service.stop()
+    assert set(requests.get(f"{comfy.url}/history", timeout=5).json()) <= before
+    assert _job_files(comfy, "stopping") == []
