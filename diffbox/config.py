@@ -197,8 +197,8 @@ class Settings(BaseModel):
                     "so the first job does not wait for a slow disk or network volume: `workflow[:preset][:model]` "
                     "entries as in `DIFFBOX_WARMUP`, or `off` (docs/cold-start.md)")
     prefetch_threads: int = setting(8, env="DIFFBOX_PREFETCH_THREADS", ge=1, le=64,
-                                    description="parallel reads of the prefetch (a network volume serves several "
-                                                "streams faster than one)")
+                                    description="reads the prefetch keeps in flight (eight read five times as fast "
+                                                "as one on the disk docs/cold-start.md measured)")
     prefetch_reserve_gb: float = setting(
         4.0, env="DIFFBOX_PREFETCH_RESERVE_GB", ge=0,
         description="memory the prefetch leaves free, for ComfyUI's own allocations: it reads only into memory "
