@@ -46,10 +46,9 @@ from slow_volume import throttled_volume  # noqa: E402
 
 from diffbox.model_paths import COMFY_FOLDERS  # noqa: E402
 from diffbox.workflows import manifest  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port, production_worker  # noqa: E402
 from tests.e2e.test_typed_workflows_real import WAN, picture  # noqa: E402
 from tests.fakes.runpod_api import FakeRunpodApi  # noqa: E402
-from tests.processes import stop as stop_process  # noqa: E402
 from tests.realcomfy import Install, installed, server_args, server_env  # noqa: E402
 from tests.s3 import S3Server, start_moto  # noqa: E402
 
@@ -75,21 +74,19 @@ def models_dir(args: argparse.Namespace, work: Path, install: Install) -> Iterat
     """The i2v fast weights in a models folder, on this machine's disk (links to the stand-ins)
     or copied to a throttled volume; and what a process calls to be throttled with them."""
     files = manifest.load().required("i2v", "fast")
-    sources = [install.typed_models / f.folder / f.name for f in files]
+
+    def place(models: Path, put: Callable[[Path, Path], object]) -> Path:
+        for f in files:
+            f.local_path(models).parent.mkdir(parents=True, exist_ok=True)
+            put(f.local_path(install.typed_models), f.local_path(models))
+        return models
+
     if not args.rate_mb:
-        models = work / "models"
-        for f, source in zip(files, sources, strict=True):
-            f.local_path(models).parent.mkdir(parents=True, exist_ok=True)
-            f.local_path(models).symlink_to(source)
-        yield models, lambda: None
+        yield place(work / "models", lambda source, dest: dest.symlink_to(source)), lambda: None
         return
-    size = sum(s.stat().st_size for s in sources)
+    size = sum(f.local_path(install.typed_models).stat().st_size for f in files)
     with throttled_volume(work, int(size * 1.1) + 512 * MB, int(args.rate_mb * MB)) as volume:
-        models = volume.root / "models"
-        for f, source in zip(files, sources, strict=True):
-            f.local_path(models).parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["cp", str(source), str(f.local_path(models))], check=True)
-        yield models, volume.join
+        yield place(volume.root / "models", shutil.copyfile), volume.join
 
 
 def worker_env(install: Install, base: Path, models: Path, port: int, prefetch: str, api: FakeRunpodApi,
@@ -134,20 +131,18 @@ def run(install: Install, models: Path, join: Callable[[], None], work: Path,
     drop_page_cache()
     stop = threading.Event()
     t0 = time.time()
-    with (work / "worker.log").open("wb") as log:
-        worker = subprocess.Popen([sys.executable, "handler.py"], cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, preexec_fn=join)
-    threading.Thread(target=ready_after, args=(f"http://127.0.0.1:{port}", t0, stop, figures), daemon=True).start()
     try:
-        first = wait_final(api, "first", worker)
-        figures["first_job_s"] = round(time.time() - t0, 2)
-        api.add_job("second", job(2, "a red kite over a field", "dark, still"))
-        t1 = time.time()
-        second = wait_final(api, "second", worker)
-        figures["warm_job_s"] = round(time.time() - t1, 2)
+        with production_worker(env, work / "worker.log", preexec_fn=join) as worker:
+            threading.Thread(target=ready_after, args=(f"http://127.0.0.1:{port}", t0, stop, figures),
+                             daemon=True).start()
+            first = wait_final(api, "first", worker)
+            figures["first_job_s"] = round(time.time() - t0, 2)
+            api.add_job("second", job(2, "a red kite over a field", "dark, still"))
+            t1 = time.time()
+            second = wait_final(api, "second", worker)
+            figures["warm_job_s"] = round(time.time() - t1, 2)
     finally:
         stop.set()
-        stop_process(worker, 30)
         api.close()
     events = [json.loads(line) for line in (work / "worker.log").read_text().splitlines() if line.startswith("{")]
     figures["worker_ready_s"] = next(round(e["ts"] - t0, 2) for e in events

@@ -30,7 +30,6 @@ import base64
 import contextlib
 import io
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import ComfyTarget, free_port, worker_env  # noqa: E402
+from tests.conftest import ComfyTarget, comfy_folder_files, free_port, production_worker, worker_env  # noqa: E402
 from tests.fakes.runpod_api import FakeRunpodApi  # noqa: E402
 from tests.jobkit import sampler_graph  # noqa: E402
 
@@ -100,10 +99,6 @@ def video_ok(output: dict[str, Any]) -> bool:
     with av.open(io.BytesIO(base64.b64decode(video["data"]))) as container:
         frames = [f for f in container.decode(video=0)]
     return len(frames) == VIDEO_FRAMES and (frames[0].width, frames[0].height) == (VIDEO_SIZE, VIDEO_SIZE)
-
-
-def folder_files(base: Path) -> int:
-    return sum(1 for name in ("input", "output", "temp") for p in (base / name).rglob("*") if p.is_file())
 
 
 def holdings(pid: int) -> dict[str, float]:
@@ -180,11 +175,7 @@ def run(args: argparse.Namespace, comfy: ComfyTarget, work: Path) -> dict[str, A
     api = FakeRunpodApi().start()
     env = worker_env(comfy, work / "worker", DIFFBOX_JOB_TIMEOUT_S=str(TIMEOUT_S), DIFFBOX_LOG_LEVEL="WARNING",
                      **api.env())
-    log_path = work / "worker.log"
-    files_at_start = folder_files(comfy.base_dir)
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen([sys.executable, "handler.py"], cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+    files_at_start = len(comfy_folder_files(comfy.base_dir))
     failures: list[str] = []
     counts = {"small": 0, "video": 0, "cancel": 0, "timeout": 0}
     warm: dict[str, float] = {}
@@ -195,26 +186,26 @@ def run(args: argparse.Namespace, comfy: ComfyTarget, work: Path) -> dict[str, A
         plan[k:k] = ["cancel" if (k // args.every) % 2 else "timeout"]
     t0 = time.monotonic()
     try:
-        for i, kind in enumerate(plan):
-            failure = one_job(api, comfy, f"soak-{i}-{kind}", kind, i)
-            if failure:
-                failures.append(failure)
-            counts[kind] += 1
-            if i + 1 == args.warmup:
-                warm = holdings(worker.pid)
-            if (i + 1) % 100 == 0:
-                print(f"{i + 1}/{len(plan)} jobs, {time.monotonic() - t0:.0f} s, {len(failures)} failures", flush=True)
-        time.sleep(2)  # ComfyUI's side of the last job goes just after its result
-        end = holdings(worker.pid)
+        with production_worker(env, work / "worker.log") as worker:
+            for i, kind in enumerate(plan):
+                failure = one_job(api, comfy, f"soak-{i}-{kind}", kind, i)
+                if failure:
+                    failures.append(failure)
+                counts[kind] += 1
+                if i + 1 == args.warmup:
+                    warm = holdings(worker.pid)
+                if (i + 1) % 100 == 0:
+                    print(f"{i + 1}/{len(plan)} jobs, {time.monotonic() - t0:.0f} s, {len(failures)} failures",
+                          flush=True)
+            time.sleep(2)  # ComfyUI's side of the last job goes just after its result
+            end = holdings(worker.pid)
     finally:
-        worker.terminate()
-        worker.wait(30)
         api.close()
     return {
         "jobs": counts, "failures": failures, "seconds": round(time.monotonic() - t0),
         "after_warmup": warm, "end": end,
         "rss_drift_mb": round(end["rss_mb"] - warm["rss_mb"], 2) if warm else None,
-        "comfyui_files": {"start": files_at_start, "end": folder_files(comfy.base_dir)},
+        "comfyui_files": {"start": files_at_start, "end": len(comfy_folder_files(comfy.base_dir))},
     }
 
 

@@ -28,7 +28,6 @@ def _libc() -> Any | None:
                               ctypes.c_int64]
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore  # noqa: B018  (looked up now: a libc without it is treated as no libc)
     except (OSError, AttributeError):
         return None
     return libc

@@ -10,7 +10,8 @@ A container starts in two phases, so that Modal can take a memory snapshot betwe
 - `start`: what each container needs of its own, after every restore. Settings read again
   (credentials, storage client), `random` reseeded, the weights the first job will need read
   into the page cache in the background (prefetch.py: a snapshot is of processes, and Modal
-  does not say it holds the page cache), ComfyUI let finish its start, the rest started (vLLM) and warmed up.
+  does not say it holds the page cache), ComfyUI let finish its start, the rest started
+  (vLLM) and warmed up.
 
 RunPod has no snapshots: `service()` runs both phases at once, as soon as handler.py loads,
 so ComfyUI (and vLLM) boot while the platform is still connecting.

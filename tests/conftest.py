@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,13 +226,15 @@ def runpod_api() -> Iterator[FakeRunpodApi]:
 
 
 @contextmanager
-def production_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def production_worker(env: dict[str, str], log_path: Path,
+                      preexec_fn: Callable[[], None] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """`python handler.py` as RunPod runs it, in the runpod SDK's production loop (the job API's
-    variables in `env`); its log joins the session's log check."""
+    variables in `env`); its log joins the session's log check. `preexec_fn` runs in the child
+    before it starts (bench/cold_start.py puts it in a throttled cgroup)."""
     WORKER_LOGS.append(log_path)
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "handler.py"], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     try:
         yield proc
     finally:

@@ -21,9 +21,9 @@ from diffbox.workflows import manifest
 CHUNK = 256 * mmap.PAGESIZE
 
 
-def evicted(path: Path, size: int, seed: int = 0) -> Path:
+def evicted(path: Path, size: int) -> Path:
     """A file of `size` random bytes, none of it in the page cache."""
-    path.write_bytes(os.urandom(size) if seed == 0 else bytes([seed % 256]) * size)
+    path.write_bytes(os.urandom(size))
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -41,12 +41,15 @@ def cached(path: Path) -> int:
         os.close(fd)
 
 
-@pytest.fixture
-def files(tmp_path: Path) -> list[Path]:
-    paths = [evicted(tmp_path / f"w{i}.safetensors", 3 * CHUNK + 123 * i) for i in range(3)]
+def none_cached(paths: list[Path]) -> list[Path]:
     if any(cached(path) for path in paths):
         pytest.skip("this file system keeps written files in the cache whatever posix_fadvise says")
     return paths
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> list[Path]:
+    return none_cached([evicted(tmp_path / f"w{i}.safetensors", 3 * CHUNK + 123 * i) for i in range(3)])
 
 
 def run(files: list[Path], free: Callable[[], int | None] = lambda: None, threads: int = 3,
@@ -134,7 +137,7 @@ def i2v_fast_on_disk(models_dir: Path) -> list[Path]:
     paths = [model.local_path(models_dir) for model in manifest.load().required("i2v", "fast")]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
-        evicted(path, CHUNK, seed=7)
+        evicted(path, CHUNK)
     return paths
 
 
@@ -158,10 +161,8 @@ def test_the_setting_defaults_to_the_warm_up(variable: str | None, entries: list
     assert Settings.from_env(env).prefetch_entries() == entries
 
 
-def test_the_service_prefetches_before_comfyui_starts_and_stops_with_it(tmp_path: Path) -> None:
-    paths = i2v_fast_on_disk(tmp_path / "models")
-    if any(cached(path) for path in paths):
-        pytest.skip("this file system keeps written files in the cache whatever posix_fadvise says")
+def test_the_service_prefetches_the_files_of_its_entries(tmp_path: Path) -> None:
+    paths = none_cached(i2v_fast_on_disk(tmp_path / "models"))
     service = Service(Settings(comfyui_url="http://127.0.0.1:9", models_dir=tmp_path / "models",
                                work_dir=tmp_path / "work", prefetch=["i2v:fast"]))
     service.start_prefetch()
