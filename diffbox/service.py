@@ -11,6 +11,7 @@ vLLM directly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import shutil
 import threading
@@ -24,6 +25,7 @@ import requests
 
 from . import chat, logs, prefetch, warmup
 from .backends.comfyui import FileRef, output_files
+from .backends.comfyui_inputs import HeldInputs, SharedInputs
 from .backends.comfyui_job import Outcome, PromptRun, lost
 from .backends.comfyui_server import ComfyServer
 from .backends.vllm import VllmServer
@@ -38,7 +40,7 @@ from .progress import STOPPED, Emit, ProgressTracker
 from .schemas import OutputOptions
 from .storage.stores import OutputUploads, choose_store, object_key
 from .workflows import RAW, Workflow, check_models, parse
-from .workflows.base import JobContext, Plan
+from .workflows.base import JOB_FOLDER, JobContext, Plan
 from .workflows.loras import bind
 from .workflows.raw import check_allowed
 
@@ -66,6 +68,8 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.comfy = ComfyServer(settings) if "comfyui" in settings.backends else None
+        self.comfy_inputs = (SharedInputs(JOB_FOLDER, self.comfy.input_dir, self.comfy.client.upload_image)
+                             if self.comfy is not None else None)
         self.vllm = VllmServer(settings) if "vllm" in settings.backends else None
         self.s3 = _s3_store(settings)
         self.url_policy = urls.UrlPolicy(allow_private=settings.allow_private_urls)
@@ -182,6 +186,8 @@ class _Job:
         self.service = service
         self.settings = service.settings
         self.ctx = JobContext(_safe_job_id(job_id), uuid.uuid4().hex[:8])
+        if service.comfy_inputs is not None:
+            self.ctx = dataclasses.replace(self.ctx, input_folder=service.comfy_inputs.folder)
         self.stop = stop
         self.t0 = t0
         self.deadline = t0 + self.settings.job_timeout_s
@@ -192,6 +198,7 @@ class _Job:
         self.options: OutputOptions | None = None
         self.plan: Plan | None = None
         self.uploads: OutputUploads | None = None
+        self.inputs: HeldInputs | None = None
         self.prompt_run: PromptRun | None = None
         self.abort = threading.Event()
         self.loras: JobLoras | None = None
@@ -220,8 +227,8 @@ class _Job:
         comfy.supervisor.ensure_ready(self.settings.startup_timeout_s, self.stop.is_set)
         comfy.reap()  # before queuing: our prompt must not wait behind an earlier job's
         try:
-            for upload in plan.uploads:
-                comfy.put_input(upload.name, upload.data, self.ctx.subfolder)
+            assert self.service.comfy_inputs is not None
+            self.inputs = self.service.comfy_inputs.hold([(upload.name, upload.data) for upload in plan.uploads])
         except (requests.RequestException, ValueError) as exc:
             lost(comfy.supervisor, exc)
         self.progress.set_graph(plan.graph, plan.node_clip, plan.clips)
@@ -382,6 +389,8 @@ class _Job:
         comfy = self.service.comfy
         if comfy is None:
             return
+        if self.inputs is not None:
+            self.inputs.release()
         comfy.remove_job_files(self.ctx.subfolder)
         run = self.prompt_run
         if run is None:

@@ -131,6 +131,12 @@ def job_files(comfy: ComfyTarget, job_id: str) -> list[Path]:
             for p in (comfy.base_dir / folder / "diffbox").glob(f"{job_id}-*")]
 
 
+def held_inputs(comfy: ComfyTarget) -> list[Path]:
+    """Input files in the workers' folders (named by their content, not by job)."""
+    assert comfy.base_dir is not None
+    return [p for p in (comfy.base_dir / "input" / "diffbox").glob("in-*/*") if p.is_file()]
+
+
 def wait_until(condition: Any, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -154,10 +160,12 @@ class Baseline:
 
     threads: set[threading.Thread]
     children: set[int]
+    started: float  # time.time(): input files written since are the jobs' of this test
 
     @classmethod
     def take(cls) -> Baseline:
-        return cls(set(threading.enumerate()), {p.pid for p in psutil.Process().children(recursive=True)})
+        return cls(set(threading.enumerate()), {p.pid for p in psutil.Process().children(recursive=True)},
+                   time.time() - 1)  # a file system's timestamps may lag the clock by a tick
 
     def leaked_threads(self) -> list[str]:
         # New threads, and any thread (the event loop's reusable pool included) still in diffbox code.
@@ -181,5 +189,6 @@ class Baseline:
         for job_id in job_ids:
             assert job_files(comfy, job_id) == [], job_id
             assert not (work_dir / job_id).exists(), job_id
+        assert [p for p in held_inputs(comfy) if p.stat().st_mtime >= self.started] == []
         running, pending = queue_ids(comfy.url)
         assert running == [] and pending == []

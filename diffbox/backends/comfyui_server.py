@@ -12,7 +12,6 @@ import requests
 
 from .. import logs
 from ..config import Settings
-from ..errors import backend, validation
 from ..model_paths import CONFIG_NAME, write_extra_model_paths
 from . import comfyui_preload
 from .comfyui import ComfyClient, FileRef
@@ -94,28 +93,10 @@ class ComfyServer:
             return None
         return path
 
-    def put_input(self, name: str, data: bytes, subfolder: str) -> None:
-        """A job's input file into `subfolder` of ComfyUI's input folder: written there when
-        the folder is on this disk (what /upload/image would do, without the request)."""
-        if self.input_dir is None:
-            self.client.upload_image(name, data, subfolder)
-            return
-        folder = self.input_dir / subfolder
-        path = folder / name
-        if path.parent != folder or not folder.resolve().is_relative_to(self.input_dir.resolve()):
-            raise validation(f"images: {name!r} is not a plain file name")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        except OSError as exc:
-            raise backend(f"could not write input {name!r} into ComfyUI's input folder: "
-                          f"{exc.strerror or type(exc).__name__}") from None
-
     def remove_job_files(self, subfolder: str) -> None:
-        """A job's inputs and outputs, where ComfyUI's folders are on this disk."""
-        for root in (self.input_dir, self.output_dir):
-            if root is not None:
-                shutil.rmtree(root / subfolder, ignore_errors=True)
+        """A job's outputs, where ComfyUI's output folder is on this disk."""
+        if self.output_dir is not None:
+            shutil.rmtree(self.output_dir / subfolder, ignore_errors=True)
 
     def disown(self, prompt_id: str, subfolder: str, on_gone: Callable[[], None] | None = None) -> None:
         """Hand over a prompt whose job ended before ComfyUI said the prompt had (it hung or

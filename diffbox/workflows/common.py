@@ -59,9 +59,10 @@ class InputFiles:
         self.load_image = load_image
         self.uploads: list[Upload] = []
 
-    def add(self, value: str, field: str, stem: str) -> tuple[InputImage, str]:
+    def add(self, value: str, field: str) -> tuple[InputImage, str]:
         """Decode one image; returns it and the name a `LoadImage` node gives it."""
         image = self.load_image(value, field)
-        name = f"{stem}.{image.extension}"
-        self.uploads.append(Upload(name, image.data))
-        return image, self.ctx.input_ref(name)
+        upload = Upload.of(image)
+        if all(u.name != upload.name for u in self.uploads):
+            self.uploads.append(upload)
+        return image, self.ctx.input_ref(upload.name)

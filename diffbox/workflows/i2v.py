@@ -36,7 +36,7 @@ def plan(request: I2VRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
     b.set("positive", text=request.prompt)
     b.set("image_to_video", width=start.width, height=start.height, length=request.frames)
     if request.end_image is not None:
-        _, end_ref = start.files.add(request.end_image, "end_image", "end")
+        _, end_ref = start.files.add(request.end_image, "end_image")
         b.retype("image_to_video", "WanFirstLastFrameToVideo")
         b.set("image_to_video", end_image=b.add("LoadImage", "end_image", image=end_ref))
     start.sampling.configure_samplers(b, start.seed)

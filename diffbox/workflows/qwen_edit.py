@@ -91,8 +91,8 @@ def models(request: QwenEditRequest) -> tuple[str, str]:
 
 def plan(request: QwenEditRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
     files = InputFiles(ctx, load_image)
-    first, first_ref = files.add(request.images[0], "images[0]", "image1")
-    refs = [first_ref] + [files.add(value, f"images[{i}]", f"image{i + 1}")[1]
+    first, first_ref = files.add(request.images[0], "images[0]")
+    refs = [first_ref] + [files.add(value, f"images[{i}]")[1]
                           for i, value in enumerate(request.images[1:], start=1)]
     preset = PRESETS[(request.model, request.preset)]
     steps = request.steps or preset.steps

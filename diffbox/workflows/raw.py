@@ -36,7 +36,8 @@ class NamedImage(Strict):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
-        # A name becomes a file in the job's folder: no separators, no parent references.
+        # Only matched against the graph's LoadImage inputs (the file is named by its content),
+        # but a name with a path in it is a mistake its caller should hear of.
         if "/" in name or "\\" in name or name in (".", "..") or name.startswith(".") or "\0" in name:
             raise ValueError("must be a plain file name (no '/', '\\' or leading '.')")
         return name
@@ -44,8 +45,9 @@ class NamedImage(Strict):
 
 class RawRequest(Strict):
     workflow: dict[str, Any] = Field(description="A ComfyUI API-format graph: {node id: {class_type, inputs}}")
-    images: list[NamedImage] = Field(default_factory=list, max_length=16,
-                                     description="Input images, each saved under its name for the graph's LoadImage.")
+    images: list[NamedImage] = Field(
+        default_factory=list, max_length=16,
+        description="Input images, each loaded where the graph's LoadImage gives its name.")
     output: OutputOptions | None = Field(default=None, description="Where the outputs go.")
 
     @model_validator(mode="after")
@@ -123,24 +125,24 @@ def _deps(graph: dict[str, Any], node_id: str) -> list[str]:
 
 def plan(request: RawRequest, ctx: JobContext, load_image: ImageLoader) -> Plan:
     """The graph to queue for this job."""
-    images = [load_image(img.image, f"images[{i}].image") for i, img in enumerate(request.images)]
+    # The request's names, as its LoadImage nodes give them, for files named by their content.
+    uploads = {img.name: Upload.of(load_image(img.image, f"images[{i}].image")) for i, img in enumerate(request.images)}
     graph: Graph = {str(k): _copy_node(v) for k, v in request.workflow.items()}
-    names = {img.name for img in request.images}
     for node in graph.values():
         inputs = node["inputs"]
-        if node["class_type"].startswith("LoadImage") and inputs.get("image") in names:
-            inputs["image"] = ctx.input_ref(inputs["image"])
+        if node["class_type"].startswith("LoadImage") and inputs.get("image") in uploads:
+            inputs["image"] = ctx.input_ref(uploads[inputs["image"]].name)
         prefix = inputs.get("filename_prefix")
         if isinstance(prefix, str):
             inputs["filename_prefix"] = ctx.output_prefix(_safe_prefix(prefix))
     seeds = _draw_seeds(graph)
-    uploads = [Upload(img.name, decoded.data) for img, decoded in zip(request.images, images, strict=True)]
     settings: dict[str, Any] = {}
     if seeds:
         settings["seeds"] = seeds
         if len(set(seeds.values())) == 1:
             settings["seed"] = next(iter(seeds.values()))
-    return Plan(workflow="raw", graph=graph, uploads=uploads, settings=settings)
+    return Plan(workflow="raw", graph=graph, uploads=list({u.name: u for u in uploads.values()}.values()),
+                settings=settings)
 
 
 def _copy_node(node: dict[str, Any]) -> dict[str, Any]:

@@ -114,7 +114,7 @@ class Start:
     def of(cls, request: WanRequest, template: str, presets: Presets, ctx: JobContext,
            load_image: ImageLoader) -> Start:
         files = InputFiles(ctx, load_image)
-        image, ref = files.add(request.image, "image", "start")
+        image, ref = files.add(request.image, "image")
         width, height = SIZE.resolve(request.width, request.height, image.width / image.height)
         sampling = Sampling.of(request, presets)
         b = GraphBuilder.from_template(template)

@@ -92,12 +92,12 @@ def test_comfyui_refuses_each_typed_graph_for_its_missing_weights_only(
     client = ComfyClient(comfyui.url)
     try:
         for upload in plan.uploads:
-            client.upload_image(upload.name, upload.data, ctx.subfolder)
+            client.upload_image(upload.name, upload.data, ctx.input_folder)
         with pytest.raises(JobError) as refused:
             client.queue_prompt(plan.graph, "validation-test", str(uuid.uuid4()))
     finally:
         if comfyui.base_dir is not None:
-            shutil.rmtree(comfyui.base_dir / "input" / ctx.subfolder, ignore_errors=True)
+            shutil.rmtree(comfyui.base_dir / "input" / ctx.input_folder, ignore_errors=True)
 
     node_errors: dict[str, Any] = refused.value.details["node_errors"]
     unexpected = {i: [e for e in v["errors"] if not _expected_refusal(comfyui, plan.graph[i], e)]
@@ -115,7 +115,7 @@ def test_an_unknown_node_or_a_wrong_value_is_not_taken_for_a_missing_weight(comf
     [(wan_id, wan)] = [(i, n) for i, n in plan.graph.items() if n["class_type"] == "WanImageToVideo"]
     try:
         for upload in plan.uploads:
-            client.upload_image(upload.name, upload.data, ctx.subfolder)
+            client.upload_image(upload.name, upload.data, ctx.input_folder)
         wrong = {**plan.graph, wan_id: {**wan, "inputs": {**wan["inputs"], "length": 0}}}
         with pytest.raises(JobError) as refused:
             client.queue_prompt(wrong, "validation-test", str(uuid.uuid4()))
@@ -128,4 +128,4 @@ def test_an_unknown_node_or_a_wrong_value_is_not_taken_for_a_missing_weight(comf
         assert "NoSuchNode" in refused.value.message
     finally:
         if comfyui.base_dir is not None:
-            shutil.rmtree(comfyui.base_dir / "input" / ctx.subfolder, ignore_errors=True)
+            shutil.rmtree(comfyui.base_dir / "input" / ctx.input_folder, ignore_errors=True)

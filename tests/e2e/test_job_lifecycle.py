@@ -22,7 +22,7 @@ from diffbox.service import Service
 from tests.conftest import TEST_INPUT, ComfyTarget, free_port
 from tests.fakes.comfyui import write_comfyui_dir
 from tests.fakes.comfyui.faults import set_fault
-from tests.jobkit import sampler_graph, sampling, sampling_fake, settings
+from tests.jobkit import job_files, sampler_graph, sampling, sampling_fake, settings
 
 
 @pytest.fixture
@@ -42,9 +42,11 @@ def _queue_ids(url: str) -> list[str]:
     return [item[1] for item in body["queue_running"] + body["queue_pending"]]
 
 
-def _job_files(comfy: ComfyTarget, job_id: str) -> list[Path]:
-    assert comfy.base_dir is not None
-    return [p for folder in ("input", "output") for p in (comfy.base_dir / folder / "diffbox").glob(f"{job_id}-*")]
+def _left(comfy: ComfyTarget, service: Service, job_id: str) -> list[Path]:
+    """The job's files in ComfyUI's folders: its outputs' folder, and the worker's inputs."""
+    assert comfy.base_dir is not None and service.comfy_inputs is not None
+    inputs = comfy.base_dir / "input" / service.comfy_inputs.folder
+    return [*job_files(comfy, job_id), *(inputs.iterdir() if inputs.exists() else [])]
 
 
 async def _next_job_succeeds(service: Service) -> None:
@@ -82,7 +84,7 @@ async def test_cancelling_the_task_stops_our_prompt_and_cleans_up(comfy: ComfyTa
     with pytest.raises(asyncio.CancelledError):
         await task
     assert _queue_ids(comfy.url) == []
-    assert _job_files(comfy, "cancel-me") == []
+    assert _left(comfy, service, "cancel-me") == []
     assert not (tmp_path / "work" / "cancel-me").exists()
     await _next_job_succeeds(service)
 
@@ -104,7 +106,7 @@ async def test_stop_event_returns_cancelled(comfy: ComfyTarget, tmp_path: Path) 
     assert last["stage"] == "cancelled" and last["seq"] == max(u["seq"] for u in updates)
     assert 5 < last["percent"] < 95 and "step" not in last
     assert _queue_ids(comfy.url) == []
-    assert _job_files(comfy, "stop-me") == []
+    assert _left(comfy, service, "stop-me") == []
 
 
 async def test_timeout_interrupts_and_reports(comfy: ComfyTarget, tmp_path: Path) -> None:
@@ -115,7 +117,7 @@ async def test_timeout_interrupts_and_reports(comfy: ComfyTarget, tmp_path: Path
     assert updates[-1]["stage"] == "timeout"
     assert "DIFFBOX_JOB_TIMEOUT_S" in result["error"]["message"]
     assert _queue_ids(comfy.url) == []
-    assert _job_files(comfy, "slow") == []
+    assert _left(comfy, service, "slow") == []
     await _next_job_succeeds(Service(settings(comfy, tmp_path)))
 
 
@@ -166,4 +168,4 @@ async def test_a_worker_stopped_just_after_a_result_cleans_up_before_it_stops(co
     assert "error" not in result, result
     service.stop()
     assert set(requests.get(f"{comfy.url}/history", timeout=5).json()) <= before
-    assert _job_files(comfy, "stopping") == []
+    assert _left(comfy, service, "stopping") == []

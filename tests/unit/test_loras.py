@@ -23,7 +23,7 @@ from diffbox.workflows.loras import bind, placeholder
 from tests.fakes.comfyui.validate import Schemas, validate_prompt
 from tests.lorafiles import lora_bytes, pickle_bytes, safetensors_bytes
 from tests.unit.test_workflows_graphs import comfy_schemas  # noqa: F401 (a fixture)
-from tests.unit.workflow_cases import plan_of, titled
+from tests.unit.workflow_cases import plan_of, titled, write_uploads
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -262,10 +262,7 @@ def test_graphs_with_loras_pass_comfyui_validation_once_bound(case: str, payload
         cache.path(sha).write_bytes(lora_bytes(index))
         names.append(cache.comfy_name(sha))
     bind(plan.graph, plan.lora_nodes, names)
-    for upload in plan.uploads:
-        path = Path(comfy_schemas.paths.input, "diffbox", "job-1", upload.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(upload.data)
+    write_uploads(plan, Path(comfy_schemas.paths.input))
     valid, error, _, node_errors = validate_prompt(comfy_schemas, copy.deepcopy(plan.graph))
     assert (valid, error, node_errors) == (True, None, {})
     # ...and an unbound placeholder is a name ComfyUI refuses.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from typing import Any
 
@@ -39,7 +40,9 @@ def test_plan_rewrites_inputs_outputs_and_draws_seeds() -> None:
     assert isinstance(request, RawRequest)
     result = plan(request, JobContext("job-1"), _load)
     graph = result.graph
-    assert graph["1"]["inputs"]["image"] == "diffbox/job-1/a.png"
+    [upload] = result.uploads
+    assert upload.name == hashlib.sha256(base64.b64decode(_png())).hexdigest()[:32] + ".png"
+    assert graph["1"]["inputs"]["image"] == f"diffbox/in/{upload.name}"  # the same bytes, the same name
     assert graph["6"]["inputs"]["image"] == "not_uploaded.png"  # a file already on the server
     assert graph["5"]["inputs"]["filename_prefix"] == "diffbox/job-1/etc/out"
     drawn = graph["2"]["inputs"]["seed"]
@@ -47,7 +50,6 @@ def test_plan_rewrites_inputs_outputs_and_draws_seeds() -> None:
     assert graph["3"]["inputs"]["noise_seed"] == 7
     assert isinstance(graph["4"]["inputs"]["noise_seed"], int)
     assert result.settings["seeds"] == {"2": drawn, "3": 7, "4": graph["4"]["inputs"]["noise_seed"]}
-    assert [u.name for u in result.uploads] == ["a.png"]
     # The caller's graph is left as it was.
     assert SAMPLER_GRAPH["2"]["inputs"]["seed"] == -1
 

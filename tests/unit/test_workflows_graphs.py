@@ -24,7 +24,7 @@ from tests.unit.references import (
     qwen_template_recipe,
     wan_template_recipe,
 )
-from tests.unit.workflow_cases import CASES, by_class, model_set, plan_of, titled
+from tests.unit.workflow_cases import CASES, CTX, by_class, content_name, model_set, plan_of, titled, write_uploads
 
 
 @pytest.mark.parametrize(("case", "payload"), CASES, ids=[c for c, _ in CASES])
@@ -33,7 +33,7 @@ def test_every_graph_is_well_formed_and_writes_to_the_job_folder(case: str, payl
     check_graph(graph)  # links resolve, no cycles
     saves = [n for n in graph.values() if n["class_type"] in ("SaveVideo", "SaveImage")]
     assert saves and all(n["inputs"]["filename_prefix"].startswith("diffbox/job-1/") for n in saves)
-    assert all(n["inputs"]["image"].startswith("diffbox/job-1/") for n in by_class(graph, "LoadImage"))
+    assert all(n["inputs"]["image"].startswith("diffbox/in/") for n in by_class(graph, "LoadImage"))
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,7 @@ def comfy_schemas(tmp_path_factory: pytest.TempPathFactory) -> Schemas:
 @pytest.mark.parametrize(("case", "payload"), CASES, ids=[c for c, _ in CASES])
 def test_every_graph_passes_comfyui_validation(case: str, payload: dict[str, Any], comfy_schemas: Schemas) -> None:
     plan = plan_of(payload)
-    for upload in plan.uploads:
-        path = Path(comfy_schemas.paths.input, "diffbox", "job-1", upload.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(upload.data)
+    write_uploads(plan, Path(comfy_schemas.paths.input))
     valid, error, outputs, node_errors = validate_prompt(comfy_schemas, copy.deepcopy(plan.graph))
     assert (valid, error, node_errors) == (True, None, {})
     assert sorted(outputs) == sorted(i for i, n in plan.graph.items() if n["class_type"].startswith("Save"))
@@ -154,8 +151,8 @@ def test_i2v_end_image_uses_first_last_frame() -> None:
     graph = plan_of({"workflow": "i2v", "image": "x", "end_image": "y", "prompt": "p"}).graph
     conditioning = titled(graph, "image_to_video")
     assert conditioning["class_type"] == "WanFirstLastFrameToVideo"
-    assert graph[conditioning["inputs"]["end_image"][0]]["inputs"]["image"] == "diffbox/job-1/end.png"
-    assert graph[conditioning["inputs"]["start_image"][0]]["inputs"]["image"] == "diffbox/job-1/start.png"
+    assert graph[conditioning["inputs"]["end_image"][0]]["inputs"]["image"] == CTX.input_ref(content_name(b"y"))
+    assert graph[conditioning["inputs"]["start_image"][0]]["inputs"]["image"] == CTX.input_ref(content_name(b"x"))
     assert not by_class(graph, "WanImageToVideo")
 
 

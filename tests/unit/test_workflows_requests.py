@@ -11,7 +11,7 @@ import pytest
 from diffbox.__main__ import main
 from diffbox.errors import JobError
 from diffbox.workflows import parse
-from tests.unit.workflow_cases import plan_of, png
+from tests.unit.workflow_cases import content_name, plan_of, png
 
 
 def refusal(payload: dict[str, Any]) -> str:
@@ -112,11 +112,18 @@ def test_settings_carry_what_the_job_used() -> None:
                     "width": 1024, "height": 1024}
 
 
-def test_uploads_go_to_the_job_folder_and_load_image_names_them() -> None:
+def test_uploads_are_named_by_their_content_and_load_image_names_them() -> None:
     plan = plan_of({**QWEN, "images": ["a", "b", "c"]})
-    assert [u.name for u in plan.uploads] == ["image1.png", "image2.png", "image3.png"]
-    loaded = sorted(n["inputs"]["image"] for n in plan.graph.values() if n["class_type"] == "LoadImage")
-    assert loaded == [f"diffbox/job-1/image{i}.png" for i in (1, 2, 3)]
+    names = [content_name(value) for value in (b"a", b"b", b"c")]
+    assert [u.name for u in plan.uploads] == names
+    loaded = [n["inputs"]["image"] for n in plan.graph.values() if n["class_type"] == "LoadImage"]
+    assert sorted(loaded) == sorted(f"diffbox/in/{name}" for name in names)
+    # The same image twice is one file, and another job's same image the same file.
+    twice = plan_of({**QWEN, "images": ["a", "a"]})
+    assert [u.name for u in twice.uploads] == [names[0]]
+    assert {n["inputs"]["image"] for n in twice.graph.values() if n["class_type"] == "LoadImage"} == {
+        f"diffbox/in/{names[0]}"}
+    assert plan.graph == plan_of({**QWEN, "images": ["a", "b", "c"], "seed": plan.settings["seed"]}).graph
 
 
 def test_schema_command_prints_the_contract(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -22,12 +24,25 @@ def png(width: int = 64, height: int = 48) -> str:
 
 
 def stub_loader(width: int = 832, height: int = 480) -> Any:
-    """An image loader that decodes nothing: every image is `width` x `height`."""
+    """An image loader that decodes nothing: every image is `width` x `height`, its bytes its value's."""
 
     def load(value: str, field: str) -> InputImage:
-        return InputImage(data=b"png", extension="png", width=width, height=height)
+        return InputImage(data=value.encode(), extension="png", width=width, height=height)
 
     return load
+
+
+def content_name(data: bytes, extension: str = "png") -> str:
+    """The name the worker gives an input file: its sha256's first 32 hex digits."""
+    return f"{hashlib.sha256(data).hexdigest()[:32]}.{extension}"
+
+
+def write_uploads(plan: Plan, input_dir: Path) -> None:
+    """A plan's input files where the worker puts them in ComfyUI's input folder."""
+    for upload in plan.uploads:
+        path = input_dir / CTX.input_ref(upload.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(upload.data)
 
 
 def plan_of(payload: dict[str, Any], width: int = 832, height: int = 480) -> Plan:
