@@ -156,8 +156,16 @@ async def test_bad_messages_are_refused_before_vllm_is_called(chat_worker: ChatW
     assert error["type"] == "validation" and error["message"].startswith("max_tokens: ")
 
 
+def _has_begun(worker: ChatWorker, prompted: float) -> bool:
+    """vLLM runs a request, or has read a prompt since `prompted` (vllm:prompt_tokens_total):
+    its API server, busy streaming, may answer /metrics only after a quick request is done."""
+    return (worker.metric("vllm:num_requests_running") >= 1
+            or worker.metric("vllm:prompt_tokens_total") > prompted)
+
+
 def _stop_once_running(worker: ChatWorker, stop: threading.Event) -> None:
-    while worker.metric("vllm:num_requests_running") < 1:
+    prompted = worker.metric("vllm:prompt_tokens_total")
+    while not _has_begun(worker, prompted):
         time.sleep(0.01)
     stop.set()
 
@@ -249,11 +257,14 @@ def test_vllm_killed_mid_request_fails_the_job_and_the_next_starts_a_fresh_one(c
     leader, members = vllm_group(chat_worker.vllm_port)
     assert leader is not None and len(members) > 1  # the server and its engine
     answer: dict[str, Any] = {}
-    job = threading.Thread(target=lambda: answer.update(
-        chunks=chat_worker.chunks({"openai_route": "/v1/completions", "openai_input": HEAVY})))
+    prompted = chat_worker.metric("vllm:prompt_tokens_total")
+    # Four times the heavy request: it must still be generating when the kill arrives (once, the
+    # heavy request alone was done before a look at /metrics saw it).
+    job = threading.Thread(target=lambda: answer.update(chunks=chat_worker.chunks(
+        {"openai_route": "/v1/completions", "openai_input": {**HEAVY, "n": 4 * HEAVY_N}})))
     job.start()
-    while chat_worker.metric("vllm:num_requests_running") < 1:
-        assert job.is_alive(), f"the job ended before vLLM was seen running it: {answer}"
+    while not _has_begun(chat_worker, prompted):
+        assert job.is_alive(), f"the job ended before vLLM was seen running it: {str(answer)[:500]}"
         time.sleep(0.01)
     os.kill(leader, signal.SIGKILL)  # the API server only: its engine processes live on
     job.join(120)
