@@ -7,6 +7,7 @@
 # CACHE_DIR defaults to ${DIFFBOX_TEST_CACHE:-$HOME/.cache/diffbox-test}. Where the code comes from:
 # - DIFFBOX_COMFYUI_SOURCE set (folders/archives, see `python -m builder comfyui --help`): from
 #   there, torch from the package registry with pip (TORCH_PACKAGES below), nothing from GitHub;
+# - otherwise an install from local sources already in the cache, as it is;
 # - otherwise the commits pinned in workflows/comfyui.json from GitHub, CPU torch from the
 #   PyTorch index (`--cpu`).
 # Idempotent: the builder skips what is in place, the models carry a stamp; a second run takes seconds.
@@ -32,6 +33,9 @@ if [[ -n "${DIFFBOX_COMFYUI_SOURCE:-}" ]]; then
     log "installing ComfyUI from local sources: $DIFFBOX_COMFYUI_SOURCE"
     uv run python -m builder comfyui --dest "$DEST" --torch-index default --torch "$TORCH_PACKAGES" --installer pip \
         || die "install from DIFFBOX_COMFYUI_SOURCE=$DIFFBOX_COMFYUI_SOURCE failed (see above)"
+elif [[ -x "$DEST/venv/bin/python" && -f "$DEST/ComfyUI/main.py" && ! -e "$DEST/ComfyUI/.git" ]]; then
+    # Installed from local sources before (a machine without GitHub: `.ci/run`, then `make run`).
+    log "using the ComfyUI installed from local sources in $DEST (DIFFBOX_COMFYUI_SOURCE=DIR updates it)"
 else
     log "installing the pinned ComfyUI from GitHub (set DIFFBOX_COMFYUI_SOURCE to install from local archives)"
     uv run python -m builder comfyui --dest "$DEST" --cpu \
