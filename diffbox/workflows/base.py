@@ -17,6 +17,7 @@ Graph = dict[str, dict[str, Any]]
 # Decodes and verifies one request image value; the string names the field for errors.
 ImageLoader = Callable[[str, str], InputImage]
 
+
 @dataclass(frozen=True)
 class JobContext:
     job_id: str
